@@ -463,12 +463,12 @@ class Database:
             raise StorageError("made by a newer chat_server (schema %d; this one knows %d)"
                                % (version, self.SCHEMA_VERSION))
         conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-        conn.execute("BEGIN IMMEDIATE")     # takes the file's lock now, and fails if read-only
+        conn.execute("BEGIN IMMEDIATE")     # takes the file's lock now
         if version == 0:
             for statement in self.SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)
+        conn.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)   # a real write: fails if read-only
         conn.execute("COMMIT")
         if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
             raise StorageError("cannot use write-ahead logging on this file")
@@ -835,10 +835,10 @@ class ChatServer(ThreadingHTTPServer):
         self._buckets = {}          # client address -> [tokens, last refill]
         self._date = (0, "")
         self.static_headers = self._static_headers()
+        self.housekeeper = Housekeeper(self)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ChatHandler)
-        self.housekeeper = Housekeeper(self)
         self.housekeeper.start()
 
     def _static_headers(self):

@@ -431,7 +431,7 @@ class CursorTest(ServerTestCase):
 
     def test_unknown_cursor_in_range_is_a_position(self):
         first = self.post("a")["id"]
-        between = chat_server.IdClock(first).next_id()
+        between = str(uuid.UUID(int=uuid.UUID(first).int + 1))
         second = self.post("b")["id"]
         self.assertEqual([m["id"] for m in self.get("after=" + between)[2]], [second])
 
@@ -525,6 +525,608 @@ class ErrorTest(ServerTestCase):
     def test_error_with_a_quote_is_valid_json(self):
         data = self.assertJSONError(self.get('after="quoted"'), 400)
         self.assertIn('"quoted"', data["error"])
+
+
+# ---------------------------------------------------------------------------
+# Durable history in SQLite
+# ---------------------------------------------------------------------------
+
+def start_cli_server(*args, env=None):
+    """Run `python chat_server.py --port 0 ARGS` as a process; return (process, (host, port))."""
+    proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0", "--quiet"] + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    line = proc.stdout.readline().decode()
+    match = URL_LINE.search(line)
+    if not match:
+        proc.kill()
+        raise AssertionError("no start-up line: %r %r" % (line, proc.stderr.read().decode()))
+    return proc, (match.group(1).strip("[]"), int(match.group(2)))
+
+
+def stop_process(proc, timeout=10):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream:
+            stream.close()
+
+
+class DatabaseTest(ServerTestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.path = os.path.join(self.tmp.name, "chat.db")
+        self.server = self.start_server(db=self.path)
+
+    def restart(self, **options):
+        self.stop_server(self.server, self._thread_of(self.server))
+        self.server = self.start_server(db=self.path, **options)
+
+    def _thread_of(self, server):
+        return next(t for t in threading.enumerate() if getattr(t, "_target", None) == server.serve_forever)
+
+    def test_history_survives_restart_and_ids_and_cursors_continue(self):
+        before = [self.post("m%d" % i)["id"] for i in range(3)]
+        other = self.post("elsewhere", room="b")
+        self.restart()
+        self.assertEqual([m["id"] for m in self.get("timeout=0")[2]], before)
+        self.assertEqual(self.get("timeout=0", room="b")[2], [other])
+        after = [self.post("n%d" % i)["id"] for i in range(2)]
+        self.assertGreater(after[0], other["id"])
+        self.assertEqual([m["id"] for m in self.get("after=" + before[-1])[2]], after)
+
+    def test_ids_never_go_below_stored_ones_even_if_the_clock_went_back(self):
+        last = self.post("now")["id"]
+        self.restart()
+        with mock.patch("time.time", return_value=1000000000.0):
+            self.assertGreater(self.post("from the past")["id"], last)
+
+    def test_history_beyond_memory_is_read_from_the_database(self):
+        self.restart(history=3)
+        ids = [self.post("m%d" % i)["id"] for i in range(10)]
+        self.assertEqual([m["id"] for m in self.get("timeout=0")[2]], ids)
+        self.assertEqual([m["id"] for m in self.get("after=%s&limit=4" % ids[1])[2]], ids[2:6])
+        self.restart(history=3)
+        self.assertEqual([m["id"] for m in self.get("after=" + ids[0])[2]], ids[1:])
+        self.assertEqual(self.server.stats()["messages"], 3)
+
+    def test_retention_prunes_and_old_cursors_get_410(self):
+        ids = [self.post("m%d" % i)["id"] for i in range(6)]
+        self.server.store.prune(retain_count=2, retain_days=0)
+        status, _, data = self.get("after=" + ids[1])
+        self.assertEqual((status, data["oldest"]), (410, ids[4]))
+        self.assertEqual([m["id"] for m in self.get("after=" + ids[3])[2]], ids[4:])
+        self.restart()
+        self.assertEqual(self.get("after=" + ids[1])[0], 410)
+        self.assertEqual([m["id"] for m in self.get("timeout=0")[2]], ids[4:])
+
+    def test_retention_by_age(self):
+        ids = [self.post("m%d" % i)["id"] for i in range(2)]
+        with mock.patch("time.time", return_value=time.time() + 3 * 86400):
+            self.server.store.prune(retain_count=0, retain_days=1)
+        self.assertEqual(self.get("timeout=0")[2], [])
+        self.assertEqual(self.get("after=" + ids[0])[0], 410)
+
+    def test_a_second_server_on_the_same_file_is_refused(self):
+        with self.assertRaises(chat_server.StorageError) as caught:
+            chat_server.make_server("127.0.0.1", 0, db=self.path)
+        self.assertIn("in use", str(caught.exception))
+        self.assertEqual(self.post("first server still works")["body"], "first server still works")
+
+    def test_failed_write_answers_503_and_reads_go_on(self):
+        kept = self.post("kept")
+        conn = self.server.store.database._conn
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute("PRAGMA max_page_count=%d" % pages)    # the file is now "full"
+        status = 201
+        for _ in range(200):
+            status, headers, data = self.request("POST", "/messages", {"body": "x" * 5000})
+            if status != 201:
+                break
+        self.assertEqual(status, 503, data)
+        self.assertIn("not stored", data["error"])
+        self.assertIn("Retry-After", headers)
+        stored = self.get("timeout=0&limit=1000")[2]
+        self.assertEqual(stored[0], kept)
+        conn.execute("PRAGMA max_page_count=1073741823")
+        self.post("room again")
+        ids = [m["id"] for m in self.get("timeout=0&limit=1000")[2]]
+        self.assertEqual(ids, sorted(set(ids)))
+
+
+class DatabaseFileTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+
+    def run_cli(self, *args, timeout=20):
+        return subprocess.run([sys.executable, SERVER_SCRIPT, "--port", "0"] + list(args),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def assertCleanFailure(self, result, *words):
+        self.assertEqual(result.returncode, 1, result)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        for word in words:
+            self.assertIn(word, result.stderr)
+
+    def test_not_a_database(self):
+        path = os.path.join(self.tmp.name, "notes.txt")
+        content = b"these are my notes, not a database\n" * 100
+        with open(path, "wb") as f:
+            f.write(content)
+        self.assertCleanFailure(self.run_cli("--db", path), "not a database")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), content)
+
+    def test_missing_directory(self):
+        self.assertCleanFailure(self.run_cli("--db", os.path.join(self.tmp.name, "no", "such.db")),
+                                "does not exist")
+
+    def test_newer_schema_is_refused(self):
+        path = os.path.join(self.tmp.name, "future.db")
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA user_version=99")
+        conn.close()
+        self.assertCleanFailure(self.run_cli("--db", path), "newer")
+
+    @unittest.skipIf(os.name == "nt", "POSIX permissions")
+    def test_read_only_file(self):
+        path = os.path.join(self.tmp.name, "ro.db")
+        server = chat_server.make_server("127.0.0.1", 0, db=path, quiet=True)
+        server.server_close()
+        with open(path, "rb") as f:
+            before = f.read()
+        os.chmod(path, 0o444)
+        if os.geteuid() == 0:   # root ignores permission bits; make the file immutable instead
+            try:
+                subprocess.run(["chattr", "+i", path], check=True, capture_output=True)
+            except (OSError, subprocess.CalledProcessError):
+                self.skipTest("running as root and chattr +i is not available here")
+            self.addCleanup(subprocess.run, ["chattr", "-i", path], capture_output=True)
+        self.assertCleanFailure(self.run_cli("--db", path), "readonly")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_second_process_on_the_same_file_is_refused(self):
+        path = os.path.join(self.tmp.name, "chat.db")
+        proc, _ = start_cli_server("--db", path)
+        self.addCleanup(stop_process, proc)
+        self.assertCleanFailure(self.run_cli("--db", path), "in use")
+
+    @unittest.skipIf(os.name == "nt", "SIGKILL")
+    def test_every_acknowledged_post_survives_kill_9(self):
+        path = os.path.join(self.tmp.name, "chat.db")
+        proc, address = start_cli_server("--db", path)
+        self.addCleanup(stop_process, proc)
+        acked, lock, stop = [], threading.Lock(), threading.Event()
+
+        def post_until_killed(index):
+            conn = http.client.HTTPConnection(*address, timeout=10)
+            for i in range(100000):
+                if stop.is_set() and i % 50 == 0:
+                    break
+                body = "poster %d message %d" % (index, i)
+                try:
+                    conn.request("POST", "/rooms/r%d/messages" % (index % 2), json.dumps({"body": body}).encode(),
+                                 {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    data = json.loads(resp.read())
+                except (OSError, http.client.HTTPException, ValueError):
+                    return      # killed mid-request: that post was never acknowledged
+                if resp.status == 201:
+                    with lock:
+                        acked.append((data["id"], body))
+
+        threads = [threading.Thread(target=post_until_killed, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(wait_until(lambda: len(acked) >= 300, timeout=20), len(acked))
+        proc.kill()             # SIGKILL, mid-load
+        proc.wait()
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+        conn = sqlite3.connect(path)
+        rows = conn.execute("SELECT id, body FROM messages").fetchall()
+        conn.close()
+        stored = dict(rows)
+        self.assertEqual(len(stored), len(rows))
+        for message_id, body in acked:
+            self.assertEqual(stored.get(message_id), body)
+        # and a new server on the file serves them, and carries on after them
+        proc2, address2 = start_cli_server("--db", path)
+        self.addCleanup(stop_process, proc2)
+        conn = http.client.HTTPConnection(*address2, timeout=10)
+        conn.request("POST", "/rooms/r0/messages", b'{"body": "after"}', {"Content-Type": "application/json"})
+        self.assertGreater(json.loads(conn.getresponse().read())["id"], max(stored))
+        conn.close()
+
+    def test_without_sqlite3_default_falls_back_and_explicit_db_fails(self):
+        code = ("import sys; sys.modules['sqlite3'] = None; sys.path.insert(0, %r); import chat_server; "
+                "sys.exit(chat_server.main(sys.argv[1:]))" % HERE)
+        explicit = subprocess.run([sys.executable, "-c", code, "--port", "0", "--db", "x.db"],
+                                  capture_output=True, text=True, timeout=20, cwd=self.tmp.name)
+        self.assertCleanFailure(explicit, "sqlite3")
+        proc = subprocess.Popen([sys.executable, "-c", code, "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=self.tmp.name)
+        self.addCleanup(stop_process, proc)
+        self.assertIn("in memory", proc.stdout.readline().decode())
+        stop_process(proc)
+        self.assertIn("warning", proc.stderr.read().decode() if not proc.stderr.closed else "warning")
+        self.assertEqual(os.listdir(self.tmp.name), [])
+
+
+# ---------------------------------------------------------------------------
+# Hardening: vanishing, slow and hostile clients, limits, token
+# ---------------------------------------------------------------------------
+
+class VanishingClientTest(ServerTestCase):
+    def test_a_parked_client_that_hangs_up_is_released_quickly(self):
+        socks = []
+        for _ in range(5):
+            sock = socket.create_connection(self.address)
+            sock.sendall(b"GET /messages?timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+        self.wait_for_waiters(5)
+        busy = self.server.stats()["threads_busy"]
+        for sock in socks:
+            sock.close()
+        self.assertTrue(wait_until(lambda: self.server.registry.count == 0, timeout=3))
+        self.assertTrue(wait_until(lambda: self.server.stats()["connections"] == 0, timeout=3))
+        self.assertLessEqual(self.server.stats()["threads_busy"], busy - 5)
+        self.assertEqual(self.get("timeout=0")[0], 200)
+
+
+class LimitTest(ServerTestCase):
+    server_options = {"max_waiters": 2, "max_connections": 6}
+
+    def test_too_many_waiters_get_503_and_the_others_are_unaffected(self):
+        first = self.start_poll("timeout=30")
+        second = self.start_poll("timeout=30")
+        self.wait_for_waiters(2)
+        started = time.monotonic()
+        status, headers, data = self.get("timeout=30")
+        self.assertEqual(status, 503)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(headers["Retry-After"], str(chat_server.RETRY_AFTER_S))
+        self.assertIn("max-waiters", data["error"])
+        sent = self.post("both still get it")
+        for thread, result in (first, second):
+            thread.join(10)
+            self.assertEqual(result["data"], [sent])
+
+    def test_too_many_connections_are_refused_cleanly_and_recover(self):
+        idle = [socket.create_connection(self.address) for _ in range(6)]
+        self.assertTrue(wait_until(lambda: self.server.stats()["connections"] == 6))
+        raw = self.raw_exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, data = self.parse_raw(raw)
+        self.assertEqual((status, headers["connection"]), (503, "close"))
+        self.assertIn("connections", data["error"])
+        for sock in idle:
+            sock.close()
+        self.assertTrue(wait_until(lambda: self.server.stats()["connections"] == 0))
+        self.assertEqual(self.request("GET", "/healthz")[2], {"status": "ok"})
+
+
+class SlowClientTest(ServerTestCase):
+    server_options = {"request_timeout": 0.5, "idle_timeout": 0.8}
+
+    def assertClosedWithin(self, sock, seconds):
+        started = time.monotonic()
+        sock.settimeout(seconds + 5)
+        received = b""
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        self.assertLess(time.monotonic() - started, seconds + 2)
+        return received
+
+    def test_slow_request_line_and_headers_are_cut_off(self):
+        sock = socket.create_connection(self.address)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET /mess")
+        for _ in range(3):      # keep trickling; the deadline counts from the first byte
+            time.sleep(0.2)
+            try:
+                sock.sendall(b"a")
+            except OSError:
+                break
+        self.assertClosedWithin(sock, 1)
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+
+    def test_slow_body_gets_408(self):
+        sock = socket.create_connection(self.address)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                     b"Content-Length: 10\r\n\r\nab")
+        received = self.assertClosedWithin(sock, 1)
+        self.assertEqual(self.parse_raw(received)[0], 408)
+        self.assertEqual(self.get("timeout=0")[2], [])
+
+    def test_silent_and_idle_connections_are_closed(self):
+        silent = socket.create_connection(self.address)
+        self.addCleanup(silent.close)
+        self.assertClosedWithin(silent, 1.3)
+        used = socket.create_connection(self.address)
+        self.addCleanup(used.close)
+        used.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(self.parse_raw(self.assertClosedWithin(used, 1.3))[0], 200)
+        self.assertTrue(wait_until(lambda: self.server.stats()["threads_busy"] == 0))
+
+    def test_parked_long_polls_are_not_cut_by_these_timeouts(self):
+        status, _, data = self.get("timeout=1.5")
+        self.assertEqual((status, data), (200, []))
+
+
+class HostileBytesTest(ServerTestCase):
+    CORPUS = [
+        # (raw request, expected status)
+        (b"\x00\x01\x02\r\n\r\n", 400),
+        (b"GET\r\n\r\n", 400),
+        (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+        (b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+        (b"GET /messages?after=\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /rooms/\xc3\x28/messages HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"BREW /messages HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+        (b"GET /messages HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"GET /messages HTTP/x.y\r\nHost: x\r\n\r\n", 400),
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 150 + b"\r\n", 431),
+        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
+        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0x10\r\n\r\n", 400),
+        (b"POST /messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
+        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 400),
+        (b"POST /messages HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"body\": 1e9}", 400),
+        (b"POST /messages HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n{\"body\": null}", 400),
+        (b"POST /messages HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"body\": {\"a\":1}", 400),
+        (b"POST /messages HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc", 400),
+        (b"POST /messages HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\na\x00b", 400),
+        (b"POST /messages HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nab", 400),
+        (b"POST /stats HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"GET /messages?limit=99999999999999999999999 HTTP/1.1\r\n\r\n", 400),
+        (b"GET /messages?timeout=1e999 HTTP/1.1\r\n\r\n", 400),
+    ]
+
+    def test_corpus_of_raw_requests(self):
+        for raw, expected in self.CORPUS:
+            with self.subTest(request=raw[:60]):
+                data = raw
+                if raw.endswith(b"\r\n\r\nab"):
+                    data = raw      # shorter body than declared, then the client hangs up
+                with socket.create_connection(self.address, timeout=5) as sock:
+                    sock.sendall(data)
+                    if raw.endswith(b"\r\n\r\nab"):
+                        sock.shutdown(socket.SHUT_WR)
+                    received = b""
+                    while not self._complete(received):
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        received += chunk
+                status, headers, body = self.parse_raw(received)
+                self.assertEqual(status, expected, body)
+                self.assertEqual(headers["content-type"], "application/json; charset=utf-8")
+                self.assertIsInstance(body["error"], str)
+        self.assertEqual(self.get("timeout=0")[2], [])   # nothing stored, nothing broken
+        self.assertEqual(self.post("still serving")["body"], "still serving")
+        self.assertEqual(self.server.stats()["posts"], 1)
+
+
+class RateLimitTest(ServerTestCase):
+    server_options = {"rate": 0.5, "burst": 2}
+
+    def test_posts_past_the_rate_get_429(self):
+        self.post("one")
+        self.post("two")
+        status, headers, data = self.request("POST", "/messages", {"body": "three"})
+        self.assertEqual(status, 429)
+        self.assertEqual(headers["Retry-After"], "2")
+        self.assertIn("slow down", data["error"])
+        self.assertEqual(len(self.get("timeout=0")[2]), 2)
+
+    def test_forwarded_for_is_used_only_when_trusted(self):
+        for _ in range(2):
+            self.post("x", headers={"X-Forwarded-For": "203.0.113.7"})
+        # untrusted: all of these are the same client (127.0.0.1)
+        self.assertEqual(self.request("POST", "/messages", {"body": "y"},
+                                      {"X-Forwarded-For": "203.0.113.8"})[0], 429)
+        server = self.start_server(rate=0.5, burst=1, trust_proxy=True)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        statuses = []
+        for client in ("198.51.100.1", "198.51.100.2", "198.51.100.1"):
+            conn.request("POST", "/messages", b'{"body": "z"}', {"Content-Type": "application/json",
+                                                                "X-Forwarded-For": "10.9.9.9, " + client})
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        self.assertEqual(statuses, [201, 201, 429])
+
+
+class TokenTest(ServerTestCase):
+    server_options = {"token": "s3cret"}
+
+    def test_api_needs_the_token(self):
+        for method, path in (("GET", "/messages?timeout=0"), ("POST", "/messages"),
+                             ("GET", "/rooms/a/messages?timeout=0"), ("GET", "/stats")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                with self.subTest(method=method, path=path, headers=headers):
+                    status, got, data = self.request(method, path, {"body": "x"} if method == "POST" else None,
+                                                     headers)
+                    self.assertEqual(status, 401)
+                    self.assertEqual(got["WWW-Authenticate"], 'Bearer realm="chat"')
+                    self.assertIn("Bearer", data["error"])
+        good = {"Authorization": "Bearer s3cret"}
+        self.assertEqual(self.request("POST", "/messages", {"body": "ok"}, good)[0], 201)
+        self.assertEqual(len(self.request("GET", "/messages?timeout=0", headers=good)[2]), 1)
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        self.assertEqual(self.request("GET", "/")[0], 200)
+
+
+class HeadersTest(ServerTestCase):
+    def test_api_answers_are_not_cached_or_sniffed(self):
+        _, headers, _ = self.get("timeout=0")
+        self.assertEqual(headers["Cache-Control"], "no-store")
+        self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+        self.assertIsNone(headers["Access-Control-Allow-Origin"])
+
+    def test_cors_origin_and_preflight(self):
+        server = self.start_server(cors_origin="https://chat.example")
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("OPTIONS", "/rooms/a/messages", headers={
+            "Origin": "https://chat.example", "Access-Control-Request-Method": "POST"})
+        resp = conn.getresponse()
+        resp.read()
+        self.assertEqual(resp.status, 204)
+        self.assertEqual(resp.getheader("Access-Control-Allow-Origin"), "https://chat.example")
+        self.assertIn("POST", resp.getheader("Access-Control-Allow-Methods"))
+        self.assertIn("Authorization", resp.getheader("Access-Control-Allow-Headers"))
+        conn.request("GET", "/messages?timeout=0", headers={"Origin": "https://chat.example"})
+        resp = conn.getresponse()
+        resp.read()
+        self.assertEqual(resp.getheader("Access-Control-Allow-Origin"), "https://chat.example")
+
+    def test_health_and_stats(self):
+        self.assertEqual(self.request("GET", "/healthz")[2], {"status": "ok"})
+        self.post("x", room="a")
+        stats = self.request("GET", "/stats")[2]
+        for key in ("waiters", "connections", "threads", "threads_busy", "rooms", "messages", "posts",
+                    "wakeups", "uptime", "dropped"):
+            self.assertIn(key, stats)
+        self.assertEqual((stats["rooms"], stats["messages"], stats["posts"]), (1, 1, 1))
+
+    def test_page_has_a_strict_content_security_policy(self):
+        status, headers, body = self.request("GET", "/")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        csp = headers["Content-Security-Policy"]
+        self.assertIn("default-src 'none'", csp)
+        self.assertIn("script-src 'sha256-", csp)
+        self.assertNotIn("unsafe-inline", csp)
+        self.assertNotRegex(body.decode(), r"(?i)<script[^>]+src=|<link|https?://|\son[a-z]+=")
+
+
+# ---------------------------------------------------------------------------
+# Command line and shutdown
+# ---------------------------------------------------------------------------
+
+class ShutdownTest(ServerTestCase):
+    def test_server_close_answers_waiters_and_leaves_no_threads(self):
+        polls = [self.start_poll("timeout=30") for _ in range(10)]
+        self.wait_for_waiters(10)
+        thread = next(t for t in threading.enumerate() if getattr(t, "_target", None) == self.server.serve_forever)
+        started = time.monotonic()
+        self.stop_server(self.server, thread)
+        self.assertLess(time.monotonic() - started, 2)
+        for poll, result in polls:
+            poll.join(5)
+            self.assertEqual((result["status"], result["data"]), (200, []))
+        self.assertTrue(wait_until(lambda: not any(t.name.startswith("chat-") for t in threading.enumerate())),
+                        [t.name for t in threading.enumerate()])
+
+
+@unittest.skipIf(os.name == "nt", "POSIX signals")
+class CommandLineTest(unittest.TestCase):
+    def test_sigterm_answers_every_parked_waiter_and_exits_0_within_2_s(self):
+        proc, address = start_cli_server("--db", ":memory:")
+        self.addCleanup(stop_process, proc)
+        socks = []
+        for _ in range(300):
+            sock = socket.create_connection(address, timeout=10)
+            sock.sendall(b"GET /messages?timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        self.assertTrue(wait_until(lambda: (conn.request("GET", "/stats"),
+                                            json.loads(conn.getresponse().read())["waiters"])[1] == 300))
+        conn.close()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)
+        self.assertLess(time.monotonic() - started, 2)
+        for sock in socks:
+            received = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+            sock.close()
+            self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received[:80])
+            self.assertTrue(received.endswith(b"\r\n\r\n[]"), received[-80:])
+
+    def test_port_in_use_is_one_line_and_exit_1(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            result = subprocess.run([sys.executable, SERVER_SCRIPT, "--port", str(port), "--db", ":memory:"],
+                                    capture_output=True, text=True, timeout=20)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("cannot listen on 127.0.0.1:%d" % port, result.stderr)
+
+    def test_help_explains_every_flag_with_its_default(self):
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--help"], capture_output=True, text=True,
+                                timeout=20)
+        self.assertEqual(result.returncode, 0)
+        for flag in ("--host", "--port", "--db", "--quiet", "--max-timeout", "--history", "--max-rooms",
+                     "--retain-count", "--retain-days", "--max-waiters", "--max-connections",
+                     "--request-timeout", "--idle-timeout", "--rate", "--burst", "--trust-proxy", "--token",
+                     "--cors-origin"):
+            self.assertIn(flag, result.stdout)
+        self.assertIn("default: 8080", result.stdout)
+
+    def test_seed_curl_commands(self):
+        proc, address = start_cli_server("--db", ":memory:")
+        self.addCleanup(stop_process, proc)
+        base = "http://%s:%d/messages" % address
+        curl = ["curl", "--silent", "--show-error", "--noproxy", "*"]
+        try:
+            posted = subprocess.run(curl + ["--header", "Content-Type: application/json", "--request", "POST",
+                                            "--data", '{"body":"Hello World"}', base],
+                                    capture_output=True, text=True, timeout=20)
+        except FileNotFoundError:
+            self.skipTest("curl is not installed")
+        self.assertEqual(json.loads(posted.stdout)["body"], "Hello World")
+        got = subprocess.run(curl + [base], capture_output=True, text=True, timeout=20)
+        self.assertEqual([m["body"] for m in json.loads(got.stdout)], ["Hello World"])
+        form = subprocess.run(curl + ["-d", "body=hi", "-d", "author=ann", base], capture_output=True, text=True,
+                              timeout=20)
+        self.assertEqual(json.loads(form.stdout)["author"], "ann")
+
+    def test_exposed_host_without_token_warns(self):
+        self.assertTrue(chat_server._is_loopback("127.0.0.1"))
+        self.assertTrue(chat_server._is_loopback("::1"))
+        self.assertFalse(chat_server._is_loopback("0.0.0.0"))
+        self.assertFalse(chat_server._is_loopback("192.0.2.1"))
+
+
+class ReadmeTest(unittest.TestCase):
+    def test_readme_documents_every_route_flag_and_status(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        for route in chat_server.ChatHandler.ROUTES:
+            self.assertIn(route, readme)
+        for action in chat_server.build_parser()._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    self.assertIn(flag, readme)
+        for status in (200, 201, 204, 400, 401, 404, 405, 408, 410, 411, 413, 414, 415, 429, 431, 500, 501,
+                       503, 505):
+            self.assertIn(str(status), readme)
+        self.assertIn("python -m unittest -v test_chat_server", readme)
 
 
 if __name__ == "__main__":
