@@ -347,11 +347,12 @@ class MessageStore:
 
     # -- reading --
 
-    def newer(self, room_name, after, limit):
+    def newer(self, room_name, after, limit, newest=False):
         """Messages of the room with id > `after` (None: from the oldest kept), oldest first.
 
-        HTTPError 410 if messages after `after` are no longer kept; 400 if `after`
-        is newer than any id this server has issued.
+        With `newest`, the last `limit` messages of the room instead.  HTTPError 410 if
+        messages after `after` are no longer kept; 400 if `after` is newer than any id
+        this server has issued.
         """
         with self._lock:
             latest = self.latest
@@ -368,9 +369,13 @@ class MessageStore:
                 raise HTTPError(410, "messages after this cursor are no longer kept; "
                                 "poll again without 'after' to start from the oldest kept",
                                 {"oldest": oldest})
+            if newest and (self.database is None or room.evicted is None or len(room.ids) >= limit):
+                return room.messages[-limit:]
             if self.database is None or room.evicted is None or (after is not None and after >= room.evicted):
                 start = 0 if after is None else bisect.bisect_right(room.ids, after)
                 return room.messages[start:start + limit]
+        if newest:
+            return self.database.read_newest(room_name, latest, limit)
         # Older than memory holds: read the database, up to what is already visible.
         return self.database.read(room_name, after, latest, limit)
 
@@ -524,6 +529,11 @@ class Database:
                            "WHERE room = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
                            (room, after or "", upto or "", limit))
         return [Message(*row) for row in rows]
+
+    def read_newest(self, room, upto, limit):
+        rows = self._query("SELECT id, room, created_at, author, body FROM messages "
+                           "WHERE room = ? AND id <= ? ORDER BY id DESC LIMIT ?", (room, upto or "", limit))
+        return [Message(*row) for row in reversed(rows)]
 
     def prune(self, retain_count, cutoff):
         """Apply the retention rules; return {room: newest id deleted} for rooms that lost any."""
@@ -1227,10 +1237,14 @@ class ChatHandler(BaseHTTPRequestHandler):
     def get_messages(self, room, query):
         after = parse_cursor(query.get("after"))
         timeout = min(self._number(query, "timeout", DEFAULT_TIMEOUT_S, float), self.server.config.max_timeout)
-        limit = self._number(query, "limit", DEFAULT_LIMIT, int)
+        newest = "tail" in query
+        if newest and after is not None:
+            raise HTTPError(400, "use 'after' or 'tail', not both")
+        name = "tail" if newest else "limit"
+        limit = self._number(query, name, DEFAULT_LIMIT, int)
         if limit < 1 or limit > MAX_LIMIT:
-            raise HTTPError(400, "'limit' must be from 1 to %d" % MAX_LIMIT)
-        messages = self.server.store.newer(room, after, limit)
+            raise HTTPError(400, "'%s' must be from 1 to %d" % (name, MAX_LIMIT))
+        messages = self.server.store.newer(room, after, limit, newest)
         if messages or timeout <= 0:
             return self._respond(HTTPStatus.OK, encode_list(messages))
         self._wait(room, after, limit, timeout)

@@ -283,6 +283,13 @@ class GetTest(ServerTestCase):
         self.assertEqual([m["id"] for m in self.get("limit=2")[2]], sent[:2])
         self.assertEqual([m["id"] for m in self.get("limit=2&after=" + sent[1])[2]], sent[2:4])
 
+    def test_tail_gives_the_newest(self):
+        sent = [self.post("m%d" % i)["id"] for i in range(5)]
+        self.assertEqual([m["id"] for m in self.get("tail=2")[2]], sent[-2:])
+        self.assertEqual([m["id"] for m in self.get("tail=50")[2]], sent)
+        self.assertEqual(self.get("tail=2&after=" + sent[0])[0], 400)
+        self.assertEqual(self.get("tail=0")[0], 400)
+
     def test_timeout_answers_empty_list(self):
         last = self.post("x")["id"]
         started = time.monotonic()
@@ -594,6 +601,12 @@ class DatabaseTest(ServerTestCase):
         self.restart(history=3)
         self.assertEqual([m["id"] for m in self.get("after=" + ids[0])[2]], ids[1:])
         self.assertEqual(self.server.stats()["messages"], 3)
+
+    def test_tail_reads_the_database_when_memory_holds_too_few(self):
+        self.restart(history=2)
+        ids = [self.post("m%d" % i)["id"] for i in range(6)]
+        self.assertEqual([m["id"] for m in self.get("tail=4")[2]], ids[2:])
+        self.assertEqual([m["id"] for m in self.get("tail=2")[2]], ids[4:])
 
     def test_retention_prunes_and_old_cursors_get_410(self):
         ids = [self.post("m%d" % i)["id"] for i in range(6)]
