@@ -1510,10 +1510,284 @@ def build_page(html):
 
 
 PAGE_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>chat</title>
-<style>body{font-family:sans-serif}</style></head>
-<body><h1>chat</h1><p>The page is coming.</p>
-<script>"use strict";</script></body></html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>Chat</title>
+<style>
+:root {
+  --bg: #ffffff; --fg: #1b1c1f; --muted: #5c6068; --line: #d5d7dc; --card: #f1f3f6;
+  --mine: #e3ecfd; --accent: #0b57d0; --on-accent: #ffffff; --bad: #b3261e; --ok: #1e7b34;
+  color-scheme: light dark;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #131417; --fg: #e4e5e9; --muted: #9da1a9; --line: #363940; --card: #1f2126;
+    --mine: #1d2a44; --accent: #8ab4f8; --on-accent: #0b1a33; --bad: #f2b8b5; --ok: #7fd68f;
+  }
+}
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+html, body { height: 100%; }
+body {
+  margin: 0; display: flex; flex-direction: column; height: 100vh; height: 100dvh;
+  background: var(--bg); color: var(--fg);
+  font: 16px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+}
+form { margin: 0; }
+header, #token-form, #send-form {
+  display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; padding: .5rem .75rem;
+}
+header, #token-form { border-bottom: 1px solid var(--line); }
+#send-form { border-top: 1px solid var(--line); flex-wrap: nowrap; }
+#room-form, .field { display: flex; align-items: center; gap: .35rem; }
+label { font-size: .9rem; color: var(--muted); }
+input, textarea, button {
+  font: inherit; color: inherit; background: var(--bg);
+  border: 1px solid var(--line); border-radius: 6px; padding: .4rem .6rem; min-width: 0;
+}
+button { background: var(--accent); border-color: var(--accent); color: var(--on-accent); cursor: pointer; }
+:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+#room { width: 8.5rem; }
+#name { width: 9rem; }
+#status { margin: 0 0 0 auto; font-size: .85rem; color: var(--muted); white-space: nowrap; }
+#status::before {
+  content: ""; display: inline-block; width: .6em; height: .6em; margin-right: .4em;
+  border-radius: 50%; background: var(--muted);
+}
+#status.ok::before { background: var(--ok); }
+#status.bad::before { background: var(--bad); }
+main { flex: 1; overflow-y: auto; padding: .75rem; }
+#messages { list-style: none; margin: 0; padding: 0; display: flex; flex-direction: column; gap: .45rem; }
+#messages:empty::after { content: "No messages yet."; color: var(--muted); font-style: italic; }
+#messages li { background: var(--card); border-radius: 8px; padding: .35rem .65rem; }
+#messages li.mine { background: var(--mine); }
+.meta { display: flex; gap: .6rem; align-items: baseline; font-size: .8rem; color: var(--muted); }
+.author { font-weight: 600; color: var(--fg); overflow-wrap: anywhere; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; }
+#body { flex: 1; resize: none; overflow-y: auto; max-height: 8rem; }
+.anon { font-style: italic; font-weight: 400; }
+#note { margin: 0; padding: 0 .75rem; font-size: .85rem; color: var(--bad); }
+#note:empty { display: none; }
+.sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap; }
+@media (max-width: 520px) {
+  header { gap: .35rem .5rem; }
+  #status { flex-basis: 100%; margin: 0; }
+  #room, #name { width: 6rem; }
+}
+</style>
+</head>
+<body>
+<header>
+  <form id="room-form" autocomplete="off">
+    <label for="room">Room</label>
+    <input id="room" maxlength="64" spellcheck="false" autocapitalize="off">
+    <button>Go</button>
+  </form>
+  <div class="field">
+    <label for="name">Name</label>
+    <input id="name" maxlength="100" autocomplete="nickname" placeholder="anonymous">
+  </div>
+  <p id="status" role="status">connecting</p>
+</header>
+<form id="token-form" hidden>
+  <label for="token">This server needs an access token</label>
+  <input id="token" type="password" autocomplete="current-password">
+  <button>Save</button>
+</form>
+<main id="log" tabindex="0" aria-label="Messages">
+  <ol id="messages" aria-live="polite"></ol>
+</main>
+<p id="note" role="alert"></p>
+<form id="send-form" autocomplete="off">
+  <label for="body" class="sr">Message</label>
+  <textarea id="body" rows="1" maxlength="10000" placeholder="Message" title="Enter sends, Shift+Enter adds a new line"></textarea>
+  <button>Send</button>
+</form>
+<script>
+'use strict';
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const list = $('messages'), log = $('log'), statusEl = $('status'), note = $('note');
+  const roomInput = $('room'), nameInput = $('name'), bodyInput = $('body');
+  const tokenForm = $('token-form'), tokenInput = $('token');
+  const ROOM_RE = /^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$/;
+  const LONG_POLL = 25, MAX_BACKOFF = 30000, RECENT = 100;
+  const saved = {
+    get(k) { try { return localStorage.getItem('chat.' + k) || ''; } catch (e) { return ''; } },
+    set(k, v) { try { if (v) localStorage.setItem('chat.' + k, v); else localStorage.removeItem('chat.' + k); } catch (e) { /* private mode */ } }
+  };
+  let room = 'default', cursor = null, seen = new Set(), gen = 0, ctrl = null, live = false;
+
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  const roomUrl = (r) => '/rooms/' + encodeURIComponent(r) + '/messages';
+  function setStatus(text, cls) { statusEl.textContent = text; statusEl.className = cls || ''; }
+  function headers(extra) {
+    const h = Object.assign({}, extra), token = saved.get('token');
+    if (token) h.Authorization = 'Bearer ' + token;
+    return h;
+  }
+
+  function when(iso) {
+    const t = document.createElement('time'), d = new Date(iso);
+    if (isNaN(d.getTime())) return t;
+    const today = d.toDateString() === new Date().toDateString();
+    t.dateTime = iso;
+    t.title = d.toLocaleString();
+    t.textContent = today ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
+      : d.toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
+    return t;
+  }
+
+  // Render one message (as text only), once per id, kept in id (= time) order.
+  function add(m) {
+    if (!m || typeof m.id !== 'string' || seen.has(m.id) || (m.room && m.room !== room)) return;
+    seen.add(m.id);
+    const li = document.createElement('li'), meta = document.createElement('div');
+    const who = document.createElement('span'), text = document.createElement('div');
+    li.dataset.id = m.id;
+    if (m.author && m.author === nameInput.value.trim()) li.className = 'mine';
+    meta.className = 'meta';
+    who.className = m.author ? 'author' : 'author anon';
+    who.textContent = m.author || 'anonymous';
+    meta.append(who, when(m.created_at));
+    text.className = 'text';
+    text.textContent = m.body;
+    li.append(meta, text);
+    let before = null;
+    for (let el = list.lastElementChild; el && el.dataset.id > m.id; el = el.previousElementSibling) before = el;
+    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 60;
+    list.insertBefore(li, before);
+    if (atBottom) log.scrollTop = log.scrollHeight;
+  }
+
+  function reset() { cursor = null; seen = new Set(); list.textContent = ''; }
+
+  // One long-polling loop per generation; a newer generation (room switch, hidden tab) ends it.
+  async function poll(g, signal) {
+    let fails = 0;
+    while (g === gen) {
+      let res = null, data = null;
+      try {
+        const q = '?timeout=' + (live ? LONG_POLL : 0) + (cursor ? '&after=' + encodeURIComponent(cursor) : '&tail=' + RECENT);
+        res = await fetch(roomUrl(room) + q, { headers: headers(), signal: signal, cache: 'no-store' });
+        data = await res.json().catch(() => null);
+      } catch (e) { res = null; }
+      if (g !== gen) return;
+      if (res && res.ok && Array.isArray(data)) {
+        fails = 0;
+        live = true;
+        setStatus('connected', 'ok');
+        data.forEach(add);
+        if (data.length) cursor = data[data.length - 1].id;
+        continue;
+      }
+      if (res && (res.status === 410 || (res.status === 400 && data && 'latest' in data))) {
+        reset();  // cursor too old, or from before a server restart: reload the room from scratch
+        continue;
+      }
+      if (res && res.status === 401) { live = false; askToken(); return; }
+      live = false;
+      let wait = Math.min(MAX_BACKOFF, 1000 * Math.pow(2, fails++)) * (0.5 + Math.random() / 2);
+      const retryAfter = res ? Number(res.headers.get('Retry-After')) : 0;
+      if (retryAfter > 0) wait = Math.max(wait, Math.min(retryAfter * 1000, MAX_BACKOFF));
+      const end = Date.now() + wait;
+      while (g === gen && Date.now() < end) {
+        setStatus('reconnecting in ' + Math.ceil((end - Date.now()) / 1000) + ' s', 'bad');
+        await sleep(Math.min(1000, end - Date.now()));
+      }
+    }
+  }
+
+  function stop() { gen++; if (ctrl) ctrl.abort(); ctrl = null; live = false; }
+  function start() {
+    stop();
+    if (!tokenForm.hidden) return;
+    if (document.visibilityState === 'hidden') { setStatus('paused while hidden'); return; }
+    ctrl = new AbortController();
+    setStatus('connecting');
+    poll(gen, ctrl.signal);
+  }
+
+  function askToken() {
+    stop();
+    setStatus('access token needed', 'bad');
+    if (tokenForm.hidden) {
+      saved.set('token', '');
+      tokenForm.hidden = false;
+      tokenInput.value = '';
+      tokenInput.focus();
+    }
+  }
+  tokenForm.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const token = tokenInput.value.trim();
+    if (!token) { tokenInput.focus(); return; }
+    saved.set('token', token);
+    tokenForm.hidden = true;
+    bodyInput.focus();
+    start();
+  });
+
+  function openRoom() {
+    let r = '';
+    try { r = decodeURIComponent(location.hash.slice(1)); } catch (e) { r = ''; }
+    if (r && !ROOM_RE.test(r)) { note.textContent = 'Not a valid room name: ' + r; r = ''; }
+    room = r || 'default';
+    roomInput.value = room;
+    document.title = room + ' - chat';
+    reset();
+    start();
+  }
+  window.addEventListener('hashchange', openRoom);
+  $('room-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const r = roomInput.value.trim();
+    if (!ROOM_RE.test(r)) {
+      note.textContent = 'Room names are 1-64 letters, digits, _ - or . (not starting with .)';
+      roomInput.focus();
+      return;
+    }
+    note.textContent = '';
+    if (r !== room) location.hash = encodeURIComponent(r);
+  });
+
+  async function send() {
+    const body = bodyInput.value, author = nameInput.value.trim(), target = room;
+    if (!body.trim()) return;
+    try {
+      const res = await fetch(roomUrl(target), {
+        method: 'POST', headers: headers({ 'Content-Type': 'application/json' }),
+        body: JSON.stringify(author ? { body: body, author: author } : { body: body })
+      });
+      const data = await res.json().catch(() => null);
+      if (res.status === 401) { askToken(); note.textContent = 'Enter the access token, then send again.'; return; }
+      if (!res.ok) throw new Error((data && data.error) || 'HTTP ' + res.status);
+      note.textContent = '';
+      if (bodyInput.value === body) bodyInput.value = '';
+      if (target === room) add(data);  // the poll will bring it too; add() ignores the duplicate
+    } catch (err) {
+      note.textContent = 'Not sent: ' + err.message;
+    }
+  }
+  $('send-form').addEventListener('submit', (e) => { e.preventDefault(); send(); });
+  bodyInput.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+  });
+
+  nameInput.value = saved.get('name');
+  nameInput.addEventListener('input', () => saved.set('name', nameInput.value.trim()));
+  document.addEventListener('visibilitychange', () => {
+    if (document.visibilityState === 'hidden') { stop(); setStatus('paused while hidden'); } else start();
+  });
+  window.addEventListener('online', () => { if (!live) start(); });
+  openRoom();
+}());
+</script>
+</body>
+</html>
 """
 
 

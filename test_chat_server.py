@@ -3,10 +3,12 @@
 Run with:  python -m unittest -v test_chat_server
 """
 
+import base64
 import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1140,6 +1142,452 @@ class ReadmeTest(unittest.TestCase):
                        503, 505):
             self.assertIn(str(status), readme)
         self.assertIn("python -m unittest -v test_chat_server", readme)
+
+
+# ---------------------------------------------------------------------------
+# The chat page, in a real browser (headless Chromium through chromedriver)
+# ---------------------------------------------------------------------------
+
+_ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"
+_ENTER = "\ue007"
+_CHROME_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+    "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-extensions", "--window-size=1000,800",
+]
+
+
+def _find_chromedriver():
+    return os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+
+
+def _find_chrome():
+    if os.environ.get("CHROME_BIN"):
+        return os.environ["CHROME_BIN"]
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _free_port():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _wait_for(predicate, timeout=2.0, what="condition", interval=0.05):
+    """Poll predicate() until it returns a truthy value (returned) or the deadline passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s: not met within %.1f s (last value: %r)" % (what, timeout, value))
+        time.sleep(interval)
+
+
+class _WebDriverError(Exception):
+    pass
+
+
+class _ChromeDriver:
+    """A chromedriver subprocess on a free loopback port, and the raw W3C WebDriver requests to it."""
+
+    def __init__(self, driver_path, chrome_path):
+        self.chrome_path = chrome_path
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [driver_path, "--port=%d" % self.port],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if self.request("GET", "/status", timeout=2).get("ready"):
+                    return
+            except (OSError, _WebDriverError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("chromedriver did not start (exit code %r)" % self.proc.poll())
+            time.sleep(0.05)
+
+    def request(self, method, path, payload=None, timeout=60):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            body = None
+            if payload is not None or method == "POST":
+                body = json.dumps(payload if payload is not None else {}).encode("utf-8")
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json; charset=utf-8"})
+            resp = conn.getresponse()
+            data = json.loads(resp.read().decode("utf-8") or "null")
+        finally:
+            conn.close()
+        value = data.get("value") if isinstance(data, dict) else None
+        if resp.status != 200:
+            if isinstance(value, dict):
+                raise _WebDriverError("%s %s -> %s %s: %s" % (
+                    method, path, resp.status, value.get("error"), (value.get("message") or "")[:500]))
+            raise _WebDriverError("%s %s -> %s" % (method, path, resp.status))
+        return value
+
+    def new_browser(self):
+        return _Browser(self)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class _Browser:
+    """One WebDriver session (one headless Chromium with its own fresh profile)."""
+
+    def __init__(self, driver):
+        self.driver = driver
+        self.profile = tempfile.mkdtemp(prefix="chat-test-chrome-")
+        options = {"args": _CHROME_ARGS + ["--user-data-dir=" + self.profile]}
+        if driver.chrome_path:
+            options["binary"] = driver.chrome_path
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}}
+        try:
+            self.session = driver.request("POST", "/session", caps)["sessionId"]
+        except Exception:
+            shutil.rmtree(self.profile, ignore_errors=True)
+            raise
+
+    def _cmd(self, method, path, payload=None):
+        return self.driver.request(method, "/session/%s%s" % (self.session, path), payload)
+
+    def get(self, url):
+        self._cmd("POST", "/url", {"url": url})
+
+    def find(self, css):
+        return self._cmd("POST", "/element", {"using": "css selector", "value": css})[_ELEMENT_KEY]
+
+    def send_keys(self, css, text):
+        self._cmd("POST", "/element/%s/value" % self.find(css), {"text": text})
+
+    def clear(self, css):
+        self._cmd("POST", "/element/%s/clear" % self.find(css))
+
+    def click(self, css):
+        self._cmd("POST", "/element/%s/click" % self.find(css))
+
+    def text(self, css):
+        return self._cmd("GET", "/element/%s/text" % self.find(css))
+
+    def js(self, script, *args):
+        return self._cmd("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def set_window_size(self, width, height):
+        self._cmd("POST", "/window/rect", {"width": width, "height": height})
+
+    def emulate_color_scheme(self, scheme):
+        """Chromium-only (CDP through chromedriver): force prefers-color-scheme to 'light' or 'dark'."""
+        self._cmd("POST", "/goog/cdp/execute", {"cmd": "Emulation.setEmulatedMedia", "params": {
+            "features": [{"name": "prefers-color-scheme", "value": scheme}]}})
+
+    def screenshot(self, path):
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(self._cmd("GET", "/screenshot")))
+
+    def quit(self):
+        try:
+            self._cmd("DELETE", "")
+        finally:
+            shutil.rmtree(self.profile, ignore_errors=True)
+
+    # Chat-page specific helpers.
+    def messages(self):
+        """[[author, body], ...] as shown in the message list, top to bottom."""
+        return self.js(
+            "return Array.from(document.querySelectorAll('#messages li')).map(function (li) {"
+            " return [li.querySelector('.author').textContent, li.querySelector('.text').textContent]; });")
+
+    def bodies(self):
+        return [body for _author, body in self.messages()]
+
+    def status(self):
+        return self.js("return document.getElementById('status').textContent;")
+
+
+def _start_server(port=0, **kwargs):
+    server = chat_server.make_server("127.0.0.1", port, quiet=True, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, name="chat-server-%d" % port, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _stop_server(server, thread):
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+class BrowserTest(unittest.TestCase):
+    """The HTML page against a real in-process server, in two headless Chromium sessions."""
+
+    driver = None
+    a = b = None
+
+    @classmethod
+    def setUpClass(cls):
+        driver_path, chrome_path = _find_chromedriver(), _find_chrome()
+        if not driver_path:
+            raise unittest.SkipTest("chromedriver not found on PATH (set CHROMEDRIVER to its path)")
+        if not chrome_path:
+            raise unittest.SkipTest("Chromium/Chrome not found on PATH (set CHROME_BIN to its path)")
+        cls.driver = _ChromeDriver(driver_path, chrome_path)
+        try:
+            cls.a = cls.driver.new_browser()
+            cls.b = cls.driver.new_browser()
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for browser in (cls.a, cls.b):
+            if browser is not None:
+                try:
+                    browser.quit()
+                except Exception:
+                    pass
+        cls.a = cls.b = None
+        if cls.driver is not None:
+            cls.driver.stop()
+            cls.driver = None
+
+    def setUp(self):
+        self.server, self.thread = _start_server()
+        self.port = self.server.server_address[1]
+        self.base = "http://127.0.0.1:%d" % self.port
+        self.token = None
+
+    def tearDown(self):
+        for browser in (self.a, self.b):  # leave the page first, so no long poll is parked on the server
+            try:
+                browser.get("about:blank")
+            except Exception:
+                pass
+        if self.server is not None:
+            _stop_server(self.server, self.thread)
+
+    # Helpers.
+    def post(self, room, body, author=None):
+        payload = {"body": body}
+        if author is not None:
+            payload["author"] = author
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("POST", "/rooms/%s/messages" % room, body=json.dumps(payload).encode("utf-8"),
+                         headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        self.assertEqual(resp.status, 201, data)
+        return json.loads(data.decode("utf-8"))
+
+    def stats(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", "/stats")
+            resp = conn.getresponse()
+            return json.loads(resp.read().decode("utf-8"))
+        finally:
+            conn.close()
+
+    def open(self, browser, room=None):
+        browser.get(self.base + "/" + ("#" + room if room else ""))
+        _wait_for(lambda: browser.status() == "connected", 5, "page connected")
+
+    def wait_bodies(self, browser, expected, timeout=2.0):
+        """Wait until the page shows exactly these message bodies, in this order."""
+        _wait_for(lambda: browser.bodies() == expected, timeout, "page shows %r" % (expected,))
+
+    def send_from_page(self, browser, body, author=None):
+        if author is not None:
+            browser.clear("#name")
+            browser.send_keys("#name", author)
+        browser.send_keys("#body", body + _ENTER)
+
+    # Tests.
+    def test_two_browsers_chat_with_each_other(self):
+        self.open(self.a, "duo")
+        self.open(self.b, "duo")
+        self.send_from_page(self.a, "hello from ann", author="ann")
+        self.wait_bodies(self.b, ["hello from ann"])
+        self.send_from_page(self.b, "hi ann, bob here", author="bob")
+        # Also checks that a's own message, shown at once after POST and then delivered by the poll, is not doubled.
+        self.wait_bodies(self.a, ["hello from ann", "hi ann, bob here"])
+        self.assertEqual(self.a.messages(), [["ann", "hello from ann"], ["bob", "hi ann, bob here"]])
+        self.assertEqual(self.a.js("return document.getElementById('body').value;"), "")
+        # The name is remembered in localStorage across a reload.
+        self.a.get(self.base + "/#duo")
+        _wait_for(lambda: self.a.js("return document.getElementById('name').value;") == "ann", 2, "name kept")
+        self.wait_bodies(self.a, ["hello from ann", "hi ann, bob here"])
+
+    def test_message_posted_over_http_appears(self):
+        self.open(self.a)  # empty hash = room "default"
+        self.post("default", "posted with http.client", author="curl")
+        self.wait_bodies(self.a, ["posted with http.client"])
+        self.assertEqual(self.a.messages(), [["curl", "posted with http.client"]])
+        self.post("default", "no author")
+        self.wait_bodies(self.a, ["posted with http.client", "no author"])
+        self.assertEqual(self.a.messages()[1][0], "anonymous")
+        # Local time is shown, with the full timestamp kept in <time datetime>.
+        self.assertTrue(self.a.js("var t = document.querySelector('#messages time');"
+                                  " return !!(t && t.dateTime && t.textContent);"))
+
+    def test_markup_is_shown_as_text_and_never_run(self):
+        self.open(self.a, "xss")
+        payloads = ['<img src=x onerror=alert(1)>', '<img src=x onerror="window.__xss=1">',
+                    '<script>window.__xss=2</script>', '<b>bold?</b> & &amp; "quotes"']
+        for body in payloads[:3]:
+            self.post("xss", body, author='<img src=x onerror="window.__xss=3">')
+        self.send_from_page(self.a, payloads[3], author="<i>eve</i>")
+        self.wait_bodies(self.a, payloads)
+        self.assertEqual([m[0] for m in self.a.messages()],
+                         ['<img src=x onerror="window.__xss=3">'] * 3 + ["<i>eve</i>"])
+        self.assertEqual(self.a.js("return document.querySelectorAll('#messages *').length"
+                                   " - document.querySelectorAll('#messages li, #messages li > div,"
+                                   " #messages li > div > span, #messages li > div > time').length;"), 0)
+        self.assertEqual(self.a.js("return document.querySelectorAll('img, b, i, #messages script').length;"), 0)
+        self.assertIsNone(self.a.js("return window.__xss === undefined ? null : window.__xss;"))
+
+    def test_room_switching_shows_only_that_rooms_messages(self):
+        self.post("red", "red 1")
+        self.post("blue", "blue 1")
+        self.post("red", "red 2")
+        self.open(self.a, "red")
+        self.wait_bodies(self.a, ["red 1", "red 2"])
+        # With the room switcher.
+        self.a.clear("#room")
+        self.a.send_keys("#room", "blue" + _ENTER)
+        self.wait_bodies(self.a, ["blue 1"])
+        self.assertTrue(self.a.js("return location.hash;").endswith("blue"))
+        # A link to the room opens the same room in another browser.
+        self.open(self.b, "blue")
+        self.wait_bodies(self.b, ["blue 1"])
+        # With the URL hash; and nothing from the room left behind arrives (its poll was aborted).
+        self.a.js("location.hash = 'red';")
+        self.wait_bodies(self.a, ["red 1", "red 2"])
+        _wait_for(lambda: self.a.status() == "connected", 2, "connected after switch")
+        self.assertEqual(self.a.js("return document.getElementById('room').value;"), "red")
+        self.post("blue", "blue 2")
+        self.post("red", "red 3")
+        self.wait_bodies(self.a, ["red 1", "red 2", "red 3"])
+        self.wait_bodies(self.b, ["blue 1", "blue 2"])
+        # Switching back re-reads the room: nothing lost, nothing doubled.
+        self.a.js("location.hash = '';")
+        self.assertEqual(self.a.js("return document.getElementById('room').value;"), "default")
+        self.wait_bodies(self.a, [])
+        self.a.js("location.hash = 'blue';")
+        self.wait_bodies(self.a, ["blue 1", "blue 2"])
+
+    def test_opening_shows_the_recent_history(self):
+        bodies = ["m%03d" % i for i in range(150)]      # more than the page's first answer of 100
+        for body in bodies:
+            self.post("long", body)
+        self.open(self.a, "long")
+        self.wait_bodies(self.a, bodies[-100:], timeout=5)
+
+    def test_catching_up_fetches_more_than_one_answer(self):
+        self.open(self.a, "catchup")
+        self.post("catchup", "first")
+        self.wait_bodies(self.a, ["first"])
+        self.hide(self.a)
+        bodies = ["m%03d" % i for i in range(250)]      # more than one answer of 100
+        for body in bodies:
+            self.post("catchup", body)
+        self.show(self.a)
+        self.wait_bodies(self.a, ["first"] + bodies, timeout=5)
+
+    def test_hidden_tab_stops_polling_and_catches_up(self):
+        self.open(self.a, "hide")
+        self.post("hide", "one")
+        self.wait_bodies(self.a, ["one"])
+        self.hide(self.a)
+        # The aborted long poll hangs up, so the server stops holding it.
+        _wait_for(lambda: self.stats()["waiters"] == 0, 3, "no parked long poll")
+        self.post("hide", "two")
+        time.sleep(0.3)  # short negative check: nothing arrives while hidden
+        self.assertEqual(self.a.bodies(), ["one"])
+        self.show(self.a)
+        self.wait_bodies(self.a, ["one", "two"])
+        _wait_for(lambda: self.a.status() == "connected", 2, "connected again")
+
+    def hide(self, browser):
+        browser.js("Object.defineProperty(document, 'visibilityState', {configurable: true, get: function () {"
+                   " return 'hidden'; }}); document.dispatchEvent(new Event('visibilitychange'));")
+        _wait_for(lambda: "paused" in browser.status(), 2, "paused while hidden")
+
+    def show(self, browser):
+        browser.js("delete document.visibilityState; document.dispatchEvent(new Event('visibilitychange'));")
+
+    def test_cursor_too_old_reloads_the_room(self):
+        _stop_server(self.server, self.thread)
+        self.server = None
+        self.server, self.thread = _start_server(self.port, history=5)  # keep 5 messages per room
+        self.open(self.a, "gone")
+        self.post("gone", "m0")
+        self.wait_bodies(self.a, ["m0"])
+        self.hide(self.a)
+        bodies = ["m%d" % i for i in range(1, 11)]
+        for body in bodies:
+            self.post("gone", body)
+        self.show(self.a)  # the cursor m0 is no longer kept: 410, and the page reloads what is kept
+        self.wait_bodies(self.a, bodies[-5:])
+        _wait_for(lambda: self.a.status() == "connected", 2, "connected again")
+
+    def test_reconnects_after_server_restart(self):
+        self.open(self.a, "phoenix")
+        self.post("phoenix", "before restart")
+        self.wait_bodies(self.a, ["before restart"])
+        _stop_server(self.server, self.thread)
+        self.server = None
+        _wait_for(lambda: "reconnecting" in self.a.status(), 5, "page notices the server is gone")
+        self.server, self.thread = _start_server(self.port)  # same port, new empty in-memory store
+        # The page's cursor is from the future for the new server (400 + "latest"): the page reloads the
+        # room from scratch, which is now empty.
+        _wait_for(lambda: self.a.status() == "connected", 10, "connected after restart")
+        self.wait_bodies(self.a, [])
+        self.post("phoenix", "after restart")
+        self.wait_bodies(self.a, ["after restart"])
+
+    def test_token_is_asked_once_and_sent(self):
+        _stop_server(self.server, self.thread)
+        self.server = None
+        try:
+            self.server, self.thread = _start_server(self.port, token="s3cret")
+        except TypeError:
+            self.skipTest("make_server() takes no token option")
+        self.token = "s3cret"
+        self.a.get(self.base + "/#vault")
+        _wait_for(lambda: self.a.js("return !document.getElementById('token-form').hidden;"), 3, "token form shown")
+        self.a.send_keys("#token", "s3cret" + _ENTER)
+        _wait_for(lambda: self.a.status() == "connected", 3, "connected with token")
+        self.post("vault", "secret hello")
+        self.wait_bodies(self.a, ["secret hello"])
+        self.send_from_page(self.a, "sent with the token")
+        self.wait_bodies(self.a, ["secret hello", "sent with the token"])
+        self.a.get(self.base + "/#vault")  # the token is remembered
+        self.wait_bodies(self.a, ["secret hello", "sent with the token"])
+        self.assertTrue(self.a.js("return document.getElementById('token-form').hidden;"))
 
 
 if __name__ == "__main__":
