@@ -100,8 +100,6 @@ FD_RESERVE = 64
 REQUEST_TIMEOUT_S = 10.0
 #: A keep-alive connection with no request for this many seconds is closed.
 IDLE_TIMEOUT_S = 30.0
-#: A response that the client does not read within this many seconds is abandoned.
-SEND_TIMEOUT_S = 10.0
 #: Seconds a client is told to wait (Retry-After) when the server is full.
 RETRY_AFTER_S = 1
 #: Threads kept for reuse exit after this long idle (plus up to half again, so they leave spread out).
@@ -109,7 +107,7 @@ THREAD_IDLE_S = 60.0
 #: Listen backlog: bursts of thousands of connections must not be dropped (the stdlib's is 5).
 LISTEN_BACKLOG = 4096
 #: Bytes of read buffer per connection (the stdlib's 8 KiB costs memory for every parked waiter).
-READ_BUFFER_BYTES = 2048
+READ_BUFFER_BYTES = 1024
 #: Thread stack size; only touched pages cost memory, this bounds address space per thread.
 THREAD_STACK_BYTES = 512 * 1024
 #: The housekeeper's tick: pruning, rate-limit cleanup, and (with select()) new sockets to watch.
@@ -217,20 +215,24 @@ def parse_cursor(text):
     return None if cursor == ZERO_ID else cursor
 
 
-def rfc3339(seconds):
+def rfc3339(seconds, _cache=[None, ""]):
     """UTC time `seconds` as RFC 3339 with milliseconds, e.g. 2026-11-29T17:26:57.123Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + ".%03dZ" % (int(seconds * 1000) % 1000)
+    whole = int(seconds)
+    if _cache[0] != whole:      # strftime is a noticeable share of a post; once a second will do
+        _cache[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    return "%s.%03dZ" % (_cache[1], int(seconds * 1000) % 1000)
 
 
 class Message:
     """One chat message and its JSON encoding, made once and shared by every answer."""
 
-    __slots__ = ("id", "room", "created_at", "author", "body", "json", "error")
+    __slots__ = ("id", "room", "created_at", "author", "body", "json", "error", "stored")
 
     def __init__(self, id, room, created_at, author, body):
         self.id, self.room, self.created_at, self.author, self.body = id, room, created_at, author, body
         self.json = json.dumps(self.as_dict(), ensure_ascii=False, separators=(",", ":")).encode()
         self.error = None
+        self.stored = None      # with a database: an Event set once its commit is over
 
     def as_dict(self):
         return {"id": self.id, "room": self.room, "created_at": self.created_at,
@@ -268,7 +270,7 @@ class MessageStore:
     def __init__(self, history=HISTORY_PER_ROOM, max_rooms=MAX_ROOMS, database=None):
         self.history, self.max_rooms, self.database = history, max_rooms, database
         self._lock = threading.Lock()          # rooms, ids, counters
-        self._commit_lock = threading.Lock()   # one group commit at a time, in id order
+        self._commit_lock = threading.Lock()   # held by the one poster committing for everyone
         self._rooms = {}
         self._pending = []
         self.latest = database.last_id() if database else None
@@ -286,29 +288,48 @@ class MessageStore:
             if self.database is None:
                 self._publish([message])
                 return message
+            message.stored = threading.Event()
             self._pending.append(message)
-        self._commit_pending()
+        self._commit_until_stored(message)
         if message.error:
             raise HTTPError(503, "the message was not stored: %s" % message.error,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
         return message
 
-    def _commit_pending(self):
-        # Group commit: whoever gets the commit lock writes everything queued so far,
-        # so concurrent posters share one transaction (and one fsync).
-        with self._commit_lock:
-            with self._lock:
-                batch, self._pending = self._pending, []
-            if not batch:
-                return          # an earlier holder committed ours
-            try:
-                self.database.insert(batch)
-            except StorageError as exc:
-                for message in batch:
-                    message.error = str(exc)
+    def _commit_until_stored(self, message):
+        # Group commit.  A poster that finds nobody committing becomes the committer and
+        # writes everything queued, batch after batch, one transaction (one fsync) each;
+        # the others wait on their own message's Event.  (Waiting for the lock instead
+        # would make every poster take it in turn, one wake-up after another.)
+        while True:
+            if self._commit_lock.acquire(blocking=False):
+                try:
+                    while True:
+                        with self._lock:
+                            batch, self._pending = self._pending, []
+                        if not batch:
+                            break
+                        self._commit(batch)
+                finally:
+                    self._commit_lock.release()
+                if not self._pending:
+                    return      # ours was queued before we looked, so it is stored
+                # A post queued after our last look found the lock taken and is waiting
+                # on its Event for us: look again.
+            elif message.stored.wait(1.0):  # the timeout is only a safety net
                 return
+
+    def _commit(self, batch):
+        try:
+            self.database.insert(batch)
+        except StorageError as exc:
+            for message in batch:
+                message.error = str(exc)
+        else:
             with self._lock:
                 self._publish(batch)
+        for message in batch:
+            message.stored.set()
 
     def _publish(self, messages):
         for message in messages:
@@ -573,7 +594,19 @@ class Database:
 # Waiter registry
 # ---------------------------------------------------------------------------
 
-ANSWERED, HUNG_UP, CLOSING = "answered", "hung up", "closing"
+ANSWERED, HUNG_UP, SENT_EARLY, CLOSING = "answered", "hung up", "sent early", "closing"
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)     # not on Windows, where the view alone suffices
+
+
+def nonblocking_view(sock):
+    """A second socket object on `sock`'s descriptor, for a send or peek that never waits.
+
+    A handler's socket is in timeout mode, which CPython implements with a
+    non-blocking descriptor and a poll() before each call; the view has no timeout
+    of its own, so it skips the poll and returns at once, without touching the
+    handler's settings.  Detach it after use: it does not own the descriptor.
+    """
+    return socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
 
 
 class Waiter:
@@ -590,14 +623,29 @@ class Waiter:
 
     def send_nowait(self, data):
         """Write as much of `data` as the socket takes now; the waiter's thread sends the rest."""
+        view = nonblocking_view(self.sock)
         try:
-            sent = self.sock.send(data)
+            sent = view.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
             self.outcome = HUNG_UP
             return
+        finally:
+            view.detach()
         self.unsent = data[sent:]
+
+    def peek(self):
+        """After the socket turned readable: HUNG_UP, SENT_EARLY, or None if nothing is there now."""
+        view = nonblocking_view(self.sock)
+        try:
+            return SENT_EARLY if view.recv(1, socket.MSG_PEEK | _DONTWAIT) else HUNG_UP
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return HUNG_UP
+        finally:
+            view.detach()
 
 
 class WaiterRegistry:
@@ -618,6 +666,10 @@ class WaiterRegistry:
             self._rooms.setdefault(waiter.room, {})[waiter] = None
             self.count += 1
             return True
+
+    def is_parked(self, waiter):
+        with self._lock:
+            return waiter in self._rooms.get(waiter.room, ())
 
     def claim(self, waiter):
         """Remove `waiter` if it is still parked; True if the caller now owns its answer."""
@@ -692,11 +744,13 @@ class Housekeeper(threading.Thread):
             except (KeyError, ValueError, OSError):
                 pass    # not watched: the waiter still ends at its timeout
 
-    def unwatch(self, waiter):
+    def unwatch(self, *waiters):
         with self._lock:
-            key = self._selector.get_map().get(waiter.fd)
-            if key is not None and key.data is waiter:
-                self._selector.unregister(waiter.fd)
+            selector_map = self._selector.get_map()
+            for waiter in waiters:
+                key = selector_map.get(waiter.fd)
+                if key is not None and key.data is waiter:
+                    self._selector.unregister(waiter.fd)
 
     def run(self):
         try:
@@ -705,12 +759,25 @@ class Housekeeper(threading.Thread):
                     ready = self._selector.select(HOUSEKEEPING_INTERVAL_S)
                 except OSError:
                     ready = []      # select() on a socket closed meanwhile; the next call is fresh
+                woken = []
                 for key, _ in ready:
                     waiter = key.data
+                    # The readiness may be stale: the socket's waiter was answered and its
+                    # thread already read the next request and parked a new waiter.
+                    if not self.server.registry.is_parked(waiter):
+                        continue
+                    outcome = waiter.peek()
+                    if outcome is None:
+                        continue
                     self.unwatch(waiter)
                     if self.server.registry.claim(waiter):
-                        waiter.outcome = HUNG_UP
-                        waiter.event.set()
+                        waiter.outcome = outcome
+                        woken.append(waiter)
+                # Set the Events only now: every unwatch() and peek() is a system call that
+                # lets go of the GIL, and with thousands of woken threads queueing for it
+                # this loop would crawl when thousands of clients leave at once.
+                for waiter in woken:
+                    waiter.event.set()
                 if time.monotonic() >= self._next_upkeep:
                     self._upkeep()
         finally:
@@ -958,6 +1025,9 @@ class ChatServer(ThreadingHTTPServer):
             waiter.send_nowait(responses[key])
             if waiter.outcome is None:
                 waiter.outcome = ANSWERED
+        # Unregister here too, while the threads still sleep: done by each woken thread,
+        # these system calls would hand the GIL around thousands of times.
+        self.housekeeper.unwatch(*(waiter for waiter, _ in claimed))
         for waiter, _ in claimed:
             waiter.event.set()
 
@@ -1077,7 +1147,8 @@ class _RequestReader(io.RawIOBase):
             timeout = self._deadline - time.monotonic()
             if timeout <= 0:
                 raise socket.timeout("the request took longer than %g s to arrive" % self.request_timeout)
-        self.sock.settimeout(timeout)
+        if self.sock.gettimeout() != timeout:
+            self.sock.settimeout(timeout)   # a system call: skipped in the usual case
         count = self.sock.recv_into(buffer)
         if self.idle and count:
             self.idle = False
@@ -1255,7 +1326,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         if not server.registry.park(waiter):
             raise HTTPError(503, "too many clients are waiting (--max-waiters %d)" % server.registry.max_waiters,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
-        self.connection.setblocking(False)      # so the fan-out's send never blocks a poster
+        self.headers = None     # the request is read; a parked thread keeps as little as it can
         server.housekeeper.watch(waiter)
         try:
             # Look again now that we are registered: a post that landed since the first
@@ -1277,24 +1348,17 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _finish_answered(self, waiter):
         if waiter.outcome == HUNG_UP:
-            if not self._peer_sent_something():
-                self.close_connection = True
-                return
-            # The client sent its next request early: answer this one now, as at a timeout.
+            self.close_connection = True
+            return
+        if waiter.outcome == SENT_EARLY:
+            # The client sent its next request before this one was answered: answer
+            # this one now, as at a timeout, and go on to the next.
             waiter.unsent = self.server.render(HTTPStatus.OK, b"[]", close=waiter.close)
         elif waiter.outcome == CLOSING:
             self.close_connection = True
         if waiter.unsent:
             self._send_bytes(waiter.unsent)
         self.log_request(HTTPStatus.OK)
-
-    def _peer_sent_something(self):
-        """After the socket turned readable while parked: True if it is data, not a hang-up."""
-        try:
-            self.connection.settimeout(0)
-            return bool(self.connection.recv(1, socket.MSG_PEEK))
-        except OSError:
-            return False
 
     # -- reading requests --
 
@@ -1387,8 +1451,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._respond(status, json_bytes(obj), headers=headers, close=close)
 
     def _send_bytes(self, data):
-        if self.connection.gettimeout() != SEND_TIMEOUT_S:
-            self.connection.settimeout(SEND_TIMEOUT_S)
+        # A client that does not read its answer gets as long as an idle one.
+        if self.connection.gettimeout() != self.server.config.idle_timeout:
+            self.connection.settimeout(self.server.config.idle_timeout)
         self.connection.sendall(data)
 
     def send_error(self, code, message=None, explain=None):

@@ -336,6 +336,37 @@ class GetTest(ServerTestCase):
             conn.request("GET", "/messages?timeout=0&after=" + last)
             self.assertEqual(json.loads(conn.getresponse().read()), [sent])
 
+    def test_followers_that_repoll_at_once_are_never_dropped(self):
+        # Regression: the readiness of a follower's next request must not be taken for a
+        # hang-up of the waiter it parks right after.
+        conns = [self.connect() for _ in range(40)]
+        after = self.post("start")["id"]
+        for round_number in range(6):
+            for conn in conns:
+                conn.request("GET", "/messages?timeout=30&after=" + after)
+            self.wait_for_waiters(len(conns))
+            sent = self.post("round %d" % round_number)
+            for conn in conns:
+                resp = conn.getresponse()
+                self.assertEqual((resp.status, json.loads(resp.read())), (200, [sent]))
+                self.assertFalse(resp.will_close)
+            after = sent["id"]
+
+    def test_a_request_sent_while_parked_ends_the_wait_early(self):
+        with socket.create_connection(self.address, timeout=10) as sock:
+            sock.sendall(b"GET /messages?timeout=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.wait_for_waiters(1)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while received.count(b"HTTP/1.1 200 OK") < 2 or not received.endswith(b'{"status":"ok"}'):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        first, second = received.split(b"HTTP/1.1 200 OK")[1:]
+        self.assertTrue(first.endswith(b"\r\n\r\n[]"), first)
+        self.assertTrue(second.endswith(b'{"status":"ok"}'), second)
+
     def test_timeout_is_clamped_to_max_timeout(self):
         server = self.start_server(max_timeout=0.2)
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
