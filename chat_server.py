@@ -28,6 +28,7 @@ post, its own timeout, the housekeeper when the client hangs up, or shutdown).
 import argparse
 import base64
 import bisect
+import collections
 import email.utils
 import errno
 import hashlib
@@ -110,10 +111,15 @@ LISTEN_BACKLOG = 4096
 READ_BUFFER_BYTES = 1024
 #: Thread stack size; only touched pages cost memory, this bounds address space per thread.
 THREAD_STACK_BYTES = 512 * 1024
-#: The housekeeper's tick: pruning, rate-limit cleanup, and (with select()) new sockets to watch.
-HOUSEKEEPING_INTERVAL_S = 1.0
+#: The housekeeper's tick: new parked sockets are watched for hang-ups from the next tick on.
+HOUSEKEEPING_INTERVAL_S = 0.5
 #: How often history is pruned when --retain-count or --retain-days is set.
 PRUNE_INTERVAL_S = 30.0
+#: The GIL switch interval.  Every thread waiting for the GIL wakes once per interval;
+#: with thousands woken at once (a fan-out, or clients leaving together) the stdlib's
+#: 5 ms made that a storm that stalled the server for over 20 s (bench/bench.py,
+#: fanout 10000).  Our threads let go of the GIL at every I/O long before 1 s.
+SWITCH_INTERVAL_S = 1.0
 #: select() on Windows handles at most 512 sockets; past that, hung-up waiters go at their timeout.
 SELECT_WATCH_LIMIT = 500
 
@@ -598,32 +604,33 @@ ANSWERED, HUNG_UP, SENT_EARLY, CLOSING = "answered", "hung up", "sent early", "c
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)     # not on Windows, where the view alone suffices
 
 
-def nonblocking_view(sock):
-    """A second socket object on `sock`'s descriptor, for a send or peek that never waits.
+def nonblocking_view(family, type, proto, fd):
+    """A second socket object on descriptor `fd`, for a send or peek that never waits.
 
     A handler's socket is in timeout mode, which CPython implements with a
     non-blocking descriptor and a poll() before each call; the view has no timeout
     of its own, so it skips the poll and returns at once, without touching the
     handler's settings.  Detach it after use: it does not own the descriptor.
     """
-    return socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+    return socket.socket(family, type, proto, fd)
 
 
 class Waiter:
     """One parked GET: what it asked for, its socket, and the Event that wakes its thread."""
 
-    __slots__ = ("room", "after", "limit", "close", "sock", "fd", "event", "outcome", "unsent")
+    __slots__ = ("room", "after", "limit", "close", "fd", "view_args", "event", "outcome", "unsent")
 
     def __init__(self, room, after, limit, close, sock):
-        self.room, self.after, self.limit, self.close, self.sock = room, after, limit, close, sock
+        self.room, self.after, self.limit, self.close = room, after, limit, close
         self.fd = sock.fileno()
+        self.view_args = (sock.family, sock.type, sock.proto, self.fd)
         self.event = threading.Event()
         self.outcome = None
         self.unsent = b""
 
     def send_nowait(self, data):
         """Write as much of `data` as the socket takes now; the waiter's thread sends the rest."""
-        view = nonblocking_view(self.sock)
+        view = nonblocking_view(*self.view_args)
         try:
             sent = view.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -637,7 +644,7 @@ class Waiter:
 
     def peek(self):
         """After the socket turned readable: HUNG_UP, SENT_EARLY, or None if nothing is there now."""
-        view = nonblocking_view(self.sock)
+        view = nonblocking_view(*self.view_args)
         try:
             return SENT_EARLY if view.recv(1, socket.MSG_PEEK | _DONTWAIT) else HUNG_UP
         except (BlockingIOError, InterruptedError):
@@ -723,6 +730,11 @@ class Housekeeper(threading.Thread):
     registered with a selector; when one becomes readable (the client closed, or sent
     something) the waiter is claimed and woken.  Idle parked waiters cost nothing:
     the selector sleeps in the kernel.
+
+    Only this thread touches the selector.  Handlers queue their changes and it
+    applies them each tick: a selector call is a system call that lets go of the GIL,
+    and made by thousands of re-parking threads under a shared lock it became a
+    convoy that stalled the server.
     """
 
     def __init__(self, server):
@@ -730,52 +742,68 @@ class Housekeeper(threading.Thread):
         self.server = server
         self._selector = selectors.DefaultSelector()
         self._limited = isinstance(self._selector, selectors.SelectSelector)
-        self._lock = threading.Lock()
+        self._changes = collections.deque()     # (watch?, waiter); deque appends are thread-safe
         self._stop = threading.Event()
         self._next_upkeep = time.monotonic() + HOUSEKEEPING_INTERVAL_S
         self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
 
     def watch(self, waiter):
-        with self._lock:
-            if self._limited and len(self._selector.get_map()) >= SELECT_WATCH_LIMIT:
-                return
-            try:
-                self._selector.register(waiter.fd, selectors.EVENT_READ, waiter)
-            except (KeyError, ValueError, OSError):
-                pass    # not watched: the waiter still ends at its timeout
+        self._changes.append((True, waiter))
 
-    def unwatch(self, *waiters):
-        with self._lock:
-            selector_map = self._selector.get_map()
-            for waiter in waiters:
-                key = selector_map.get(waiter.fd)
+    def unwatch(self, waiter):
+        self._changes.append((False, waiter))
+
+    def _apply_changes(self):
+        selector = self._selector
+        selector_map = selector.get_map()
+        while self._changes:
+            watch, waiter = self._changes.popleft()
+            key = selector_map.get(waiter.fd)
+            if not watch:
                 if key is not None and key.data is waiter:
-                    self._selector.unregister(waiter.fd)
+                    selector.unregister(waiter.fd)
+                continue
+            if not self.server.registry.is_parked(waiter):
+                continue        # answered before we got to it
+            if key is not None:
+                selector.unregister(waiter.fd)  # left by a closed socket whose number was reused
+            if self._limited and len(selector_map) >= SELECT_WATCH_LIMIT:
+                continue        # not watched: the waiter still ends at its timeout
+            try:
+                selector.register(waiter.fd, selectors.EVENT_READ, waiter)
+            except (ValueError, OSError):
+                pass            # closed meanwhile
 
     def run(self):
         try:
             while not self._stop.is_set():
+                self._apply_changes()
                 try:
                     ready = self._selector.select(HOUSEKEEPING_INTERVAL_S)
                 except OSError:
                     ready = []      # select() on a socket closed meanwhile; the next call is fresh
                 woken = []
-                for key, _ in ready:
-                    waiter = key.data
-                    # The readiness may be stale: the socket's waiter was answered and its
-                    # thread already read the next request and parked a new waiter.
-                    if not self.server.registry.is_parked(waiter):
-                        continue
-                    outcome = waiter.peek()
-                    if outcome is None:
-                        continue
-                    self.unwatch(waiter)
-                    if self.server.registry.claim(waiter):
-                        waiter.outcome = outcome
-                        woken.append(waiter)
-                # Set the Events only now: every unwatch() and peek() is a system call that
-                # lets go of the GIL, and with thousands of woken threads queueing for it
-                # this loop would crawl when thousands of clients leave at once.
+                # Not while a post writes its answers: answered clients send their next
+                # request at once, and handling that readiness here would trade the GIL
+                # with the writing thread at every send.
+                with self.server.fanout_lock:
+                    for key, _ in ready:
+                        waiter = key.data
+                        # Answered meanwhile (its client may already be sending the next
+                        # request): stop watching, or the socket stays readable and select()
+                        # returns at once, again and again, until the handler catches up.
+                        if not self.server.registry.is_parked(waiter):
+                            self._selector.unregister(waiter.fd)
+                            continue
+                        outcome = waiter.peek()
+                        if outcome is None:
+                            continue
+                        self._selector.unregister(waiter.fd)
+                        if self.server.registry.claim(waiter):
+                            waiter.outcome = outcome
+                            woken.append(waiter)
+                # Set the Events only now, so that the woken threads do not compete for
+                # the GIL with this loop's system calls.
                 for waiter in woken:
                     waiter.event.set()
                 if time.monotonic() >= self._next_upkeep:
@@ -908,6 +936,7 @@ class ChatServer(ThreadingHTTPServer):
         self.started = time.monotonic()
         self.closing = False
         self._lock = threading.Lock()
+        self.fanout_lock = threading.Lock()     # see Housekeeper.run
         self._connections = {}      # socket -> handler (None until it has one)
         self._buckets = {}          # client address -> [tokens, last refill]
         self._date = (0, "")
@@ -1018,16 +1047,14 @@ class ChatServer(ThreadingHTTPServer):
         """
         claimed = self.registry.claim_answerable(room, self._answer_for(room))
         responses = {}
-        for waiter, body in claimed:
-            key = (id(body), waiter.close)
-            if key not in responses:
-                responses[key] = self.render(HTTPStatus.OK, body, close=waiter.close)
-            waiter.send_nowait(responses[key])
-            if waiter.outcome is None:
-                waiter.outcome = ANSWERED
-        # Unregister here too, while the threads still sleep: done by each woken thread,
-        # these system calls would hand the GIL around thousands of times.
-        self.housekeeper.unwatch(*(waiter for waiter, _ in claimed))
+        with self.fanout_lock:
+            for waiter, body in claimed:
+                key = (id(body), waiter.close)
+                if key not in responses:
+                    responses[key] = self.render(HTTPStatus.OK, body, close=waiter.close)
+                waiter.send_nowait(responses[key])
+                if waiter.outcome is None:
+                    waiter.outcome = ANSWERED
         for waiter, _ in claimed:
             waiter.event.set()
 
@@ -1127,6 +1154,8 @@ class _RequestReader(io.RawIOBase):
     request's first byte arrives, all of it (line, headers, body) must arrive within
     `request_timeout`, so a client trickling bytes (slowloris) cannot hold a thread.
     """
+
+    __slots__ = ("sock", "idle_timeout", "request_timeout", "idle", "_deadline")
 
     def __init__(self, sock, idle_timeout, request_timeout):
         super().__init__()
@@ -1478,19 +1507,20 @@ class ChatHandler(BaseHTTPRequestHandler):
         return self.server_version
 
 
-class _SocketWriter(io.RawIOBase):
-    """The handler's wfile (used by the stdlib for 100 Continue): sendall, with a time limit."""
+class _SocketWriter:
+    """The handler's wfile (the stdlib writes 100 Continue to it): sendall, with a time limit."""
+
+    __slots__ = ("_handler",)
 
     def __init__(self, handler):
-        super().__init__()
         self._handler = handler
-
-    def writable(self):
-        return True
 
     def write(self, data):
         self._handler._send_bytes(data)
         return len(data)
+
+    def flush(self):
+        pass
 
 
 def _parse_content_type(header):
@@ -1944,10 +1974,7 @@ def main(argv=None):
     if open_files:
         max_connections = min(max_connections, open_files - FD_RESERVE)
     threading.stack_size(THREAD_STACK_BYTES)
-    # Thousands of threads waiting for the GIL each wake every switch interval; a longer
-    # interval keeps mass wake-ups from turning into a storm.  Our threads block on I/O
-    # long before it, so nothing waits on it in normal work.
-    sys.setswitchinterval(0.05)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     options = dict(vars(args))
     del options["host"], options["port"]
     options["max_connections"] = max_connections
