@@ -108,7 +108,7 @@ THREAD_IDLE_S = 60.0
 #: Listen backlog: bursts of thousands of connections must not be dropped (the stdlib's is 5).
 LISTEN_BACKLOG = 4096
 #: Bytes of read buffer per connection (the stdlib's 8 KiB costs memory for every parked waiter).
-READ_BUFFER_BYTES = 1024
+READ_BUFFER_BYTES = 512
 #: Thread stack size; only touched pages cost memory, this bounds address space per thread.
 THREAD_STACK_BYTES = 512 * 1024
 #: The housekeeper's tick: new parked sockets are watched for hang-ups from the next tick on.
@@ -848,21 +848,18 @@ class WorkerPool:
         self._closed = False
         self.busy = 0
 
-    def submit(self, function, *args):
-        """Run function(*args) on a thread; RuntimeError if no thread can be had."""
+    def submit(self, function, request, client_address):
+        """Run function(request, client_address) on a thread; RuntimeError if none can be had."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the pool is closed")
             worker = self._idle.popitem()[0] if self._idle else None
             self.busy += 1
         if worker is not None:
-            worker.job = (function, args)
+            worker.job = (function, request, client_address)
             worker.go.release()
             return
-        worker = threading.Thread(target=self._work, name="chat-worker", daemon=True)
-        worker.job = (function, args)
-        worker.go = threading.Lock()
-        worker.go.acquire()
+        worker = _Worker(self, (function, request, client_address))
         with self._lock:
             self._workers.add(worker)
         try:
@@ -873,14 +870,16 @@ class WorkerPool:
                 self.busy -= 1
             raise
 
-    def _work(self):
-        worker = threading.current_thread()
+    def work(self, worker):
+        """The body of each worker thread: run its job, then wait to be handed another."""
         try:
             while True:
-                function, args = worker.job
+                function, request, client_address = worker.job
                 worker.job = None
                 try:
-                    function(*args)
+                    # Called with plain arguments, not *args: CPython 3.11+ then runs it
+                    # without a new C stack frame, which a parked thread keeps paying for.
+                    function(request, client_address)
                 except Exception:
                     traceback.print_exc()   # process_request_thread handles its own; this is a bug
                 with self._lock:
@@ -919,6 +918,19 @@ class WorkerPool:
             workers = list(self._workers)
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Worker(threading.Thread):
+    """A WorkerPool thread; run() calls the pool directly, for the same reason as in work()."""
+
+    def __init__(self, pool, job):
+        super().__init__(name="chat-worker", daemon=True)
+        self.pool, self.job = pool, job
+        self.go = threading.Lock()
+        self.go.acquire()
+
+    def run(self):
+        self.pool.work(self)
 
 
 class ChatServer(ThreadingHTTPServer):
