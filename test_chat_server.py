@@ -1159,6 +1159,17 @@ class CommandLineTest(unittest.TestCase):
         self.assertFalse(chat_server._is_loopback("192.0.2.1"))
 
 
+class BenchmarkTest(unittest.TestCase):
+    def test_bench_quick_runs_every_scenario(self):
+        """bench/bench.py --quick runs every scenario against a real server (no timing asserted)."""
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "bench", "bench.py"), "--quick"], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
+        out = proc.stdout.decode("utf-8", "replace")
+        self.assertEqual(proc.returncode, 0, out[-3000:] + proc.stderr.decode("utf-8", "replace")[-2000:])
+        seen = {json.loads(line)["scenario"] for line in out.splitlines() if line.startswith("{")}
+        self.assertEqual(seen, {"wake", "fanout", "idle", "post", "order"})
+
+
 class ReadmeTest(unittest.TestCase):
     def test_readme_documents_every_route_flag_and_status(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
