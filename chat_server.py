@@ -123,6 +123,10 @@ SWITCH_INTERVAL_S = 1.0
 #: select() on Windows handles at most 512 sockets; past that, hung-up waiters go at their timeout.
 SELECT_WATCH_LIMIT = 500
 
+#: One encoder for every answer: json.dumps() with options builds a new one per call.
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+STATUS_LINES = {status: "HTTP/1.1 %d %s\r\n" % (status, status.phrase) for status in HTTPStatus}
+
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\Z")
 ZERO_ID = "00000000-0000-0000-0000-000000000000"
 
@@ -236,7 +240,7 @@ class Message:
 
     def __init__(self, id, room, created_at, author, body):
         self.id, self.room, self.created_at, self.author, self.body = id, room, created_at, author, body
-        self.json = json.dumps(self.as_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        self.json = JSON_ENCODER.encode(self.as_dict()).encode()
         self.error = None
         self.stored = None      # with a database: an Event set once its commit is over
 
@@ -1037,11 +1041,9 @@ class ChatServer(ThreadingHTTPServer):
     def render(self, status, body, content_type="application/json; charset=utf-8",
                headers=None, close=False, head_only=False):
         """A complete HTTP/1.1 response as bytes, to be sent in one write."""
-        status = HTTPStatus(status)
-        lines = ["HTTP/1.1 %d %s\r\nDate: %s\r\nServer: chat_server/%s\r\n"
-                 "Content-Type: %s\r\nContent-Length: %d\r\n%s"
-                 % (status, status.phrase, self.http_date(), __version__, content_type,
-                    len(body), self.static_headers)]
+        lines = [STATUS_LINES[status], "Date: %s\r\nServer: chat_server/%s\r\nContent-Type: %s\r\n"
+                 "Content-Length: %d\r\n%s" % (self.http_date(), __version__, content_type, len(body),
+                                                 self.static_headers)]
         for name, value in (headers or {}).items():
             lines.append("%s: %s\r\n" % (name, value))
         if close:
@@ -1152,7 +1154,7 @@ def resident_bytes():
 
 
 def json_bytes(obj):
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return JSON_ENCODER.encode(obj).encode()
 
 
 # ---------------------------------------------------------------------------
@@ -1259,6 +1261,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._respond(HTTPStatus.NO_CONTENT, b"", headers=headers)
 
     def _split_path(self):
+        if self.path.startswith("/"):   # the usual origin-form; urlsplit is for the rest
+            path, _, query = self.path.partition("?")
+            return path, query.partition("#")[0]
         parts = urllib.parse.urlsplit(self.path)
         return parts.path or "/", parts.query
 
