@@ -1388,7 +1388,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             waiter.event.wait()     # claimed by another party, which sets the event when done
         finally:
             server.housekeeper.unwatch(waiter)
-            if server.registry.claim(waiter):   # only on an exception above
+            # Only after an exception above; skipped when another party answered, so that
+            # thousands of woken threads do not all queue for the registry's lock.
+            if waiter.outcome is None and server.registry.claim(waiter):
                 self.close_connection = True
         self._finish_answered(waiter)
 
@@ -1515,6 +1517,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             message = "method %s is not supported" % self.command[:20]
         # The request's own framing is unknown or unread, so close after answering.
         self._send_json(status, {"error": message}, close=True)
+
+    def log_request(self, code="-", size="-"):
+        if not self.server.config.quiet:
+            super().log_request(code, size)
 
     def log_message(self, format, *args):
         if not self.server.config.quiet:
