@@ -115,13 +115,11 @@ THREAD_STACK_BYTES = 512 * 1024
 HOUSEKEEPING_INTERVAL_S = 0.5
 #: How often history is pruned when --retain-count or --retain-days is set.
 PRUNE_INTERVAL_S = 30.0
-#: The GIL switch interval while the server holds more than MASS_CONNECTIONS connections
-#: or wakes more than that many waiters at once.  Every thread waiting for the GIL wakes
-#: once per interval; with thousands of them the stdlib's 5 ms made a storm that stalled
-#: the server for over 20 s (bench/bench.py --only fanout --fanout-sizes 10000).  With
-#: few threads the stdlib's interval is kept: it is fairer to busy clients.
-MASS_SWITCH_INTERVAL_S = 1.0
-MASS_CONNECTIONS = 1000
+#: The GIL switch interval.  Every thread waiting for the GIL wakes once per interval;
+#: with thousands woken at once (a fan-out, or clients leaving together) the stdlib's
+#: 5 ms made that a storm that stalled the server for over 20 s (bench/bench.py,
+#: fanout 10000).  Our threads let go of the GIL at every I/O long before 1 s.
+SWITCH_INTERVAL_S = 1.0
 #: select() on Windows handles at most 512 sockets; past that, hung-up waiters go at their timeout.
 SELECT_WATCH_LIMIT = 500
 
@@ -154,7 +152,6 @@ class Config:
     trust_proxy = False       # take the client address from X-Forwarded-For
     token = None              # bearer token required on the API
     cors_origin = None        # origin allowed to call the API from a browser
-    tune_gil = False          # adapt sys.setswitchinterval (process-wide) to the load
 
     def __init__(self, **options):
         for name, value in options.items():
@@ -811,7 +808,6 @@ class Housekeeper(threading.Thread):
                             woken.append(waiter)
                 # Set the Events only now, so that the woken threads do not compete for
                 # the GIL with this loop's system calls.
-                self.server.brace_for(len(woken))
                 for waiter in woken:
                     waiter.event.set()
                 if time.monotonic() >= self._next_upkeep:
@@ -822,7 +818,6 @@ class Housekeeper(threading.Thread):
     def _upkeep(self):
         now = time.monotonic()
         self._next_upkeep = now + HOUSEKEEPING_INTERVAL_S
-        self.server.brace_for(0)
         self.server.forget_idle_clients(now)
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL_S
@@ -961,7 +956,6 @@ class ChatServer(ThreadingHTTPServer):
         self._connections = {}      # socket -> handler (None until it has one)
         self._buckets = {}          # client address -> [tokens, last refill]
         self._date = (0, "")
-        self._normal_switch_interval = sys.getswitchinterval()
         self.static_headers = self._static_headers()
         self.housekeeper = Housekeeper(self)
         if ":" in address[0]:
@@ -1075,7 +1069,6 @@ class ChatServer(ThreadingHTTPServer):
                 waiter.send_nowait(responses[key])
                 if waiter.outcome is None:
                     waiter.outcome = ANSWERED
-        self.brace_for(len(claimed))
         for waiter, _ in claimed:
             waiter.event.set()
 
@@ -1087,15 +1080,6 @@ class ChatServer(ThreadingHTTPServer):
                 return b""      # e.g. a cursor from another life: let the waiter ask again
             return encode_list(messages) if messages else b""
         return answer
-
-    def brace_for(self, threads):
-        """Lengthen the GIL switch interval before `threads` threads are woken (see MASS_*)."""
-        if self.config.tune_gil:
-            with self._lock:
-                busy = max(threads, len(self._connections))
-            wanted = MASS_SWITCH_INTERVAL_S if busy > MASS_CONNECTIONS else self._normal_switch_interval
-            if sys.getswitchinterval() != wanted:
-                sys.setswitchinterval(wanted)
 
     # -- limits --
 
@@ -2013,7 +1997,8 @@ def main(argv=None):
     if open_files:
         max_connections = min(max_connections, open_files - FD_RESERVE)
     threading.stack_size(THREAD_STACK_BYTES)
-    options = dict(vars(args), tune_gil=True)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    options = dict(vars(args))
     del options["host"], options["port"]
     options["max_connections"] = max_connections
     options["max_waiters"] = min(args.max_waiters, max_connections)
