@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import stat
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,16 @@ def wait_until(predicate, timeout=5.0, interval=0.01):
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def read_until_closed(sock):
+    """Everything `sock` receives until the other side closes it."""
+    received = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return received
+        received += chunk
 
 
 class ServerTestCase(unittest.TestCase):
@@ -867,12 +876,7 @@ class SlowClientTest(ServerTestCase):
     def assertClosedWithin(self, sock, seconds):
         started = time.monotonic()
         sock.settimeout(seconds + 5)
-        received = b""
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            received += chunk
+        received = read_until_closed(sock)
         self.assertLess(time.monotonic() - started, seconds + 2)
         return received
 
@@ -1102,12 +1106,7 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(proc.wait(10), 0)
         self.assertLess(time.monotonic() - started, 2)
         for sock in socks:
-            received = b""
-            while True:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                received += chunk
+            received = read_until_closed(sock)
             sock.close()
             self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received[:80])
             self.assertTrue(received.endswith(b"\r\n\r\n[]"), received[-80:])

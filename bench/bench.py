@@ -37,7 +37,6 @@ import os
 import re
 import selectors
 import shutil
-import signal
 import socket
 import statistics
 import struct
