@@ -1381,8 +1381,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             if messages:
                 if server.registry.claim(waiter):
                     return self._respond(HTTPStatus.OK, encode_list(messages))
-            elif not waiter.event.wait(timeout * (1 - TIMEOUT_JITTER * random.random()) if timeout < 10
-                                       else timeout - random.random()):
+            elif not waiter.event.wait(timeout - random.random() * min(1.0, timeout * TIMEOUT_JITTER)):
                 if server.registry.claim(waiter):
                     return self._respond(HTTPStatus.OK, b"[]")
             waiter.event.wait()     # claimed by another party, which sets the event when done
