@@ -638,6 +638,32 @@ class State:
         self.__dict__.update(kw)
 
 
+def fanout_callbacks():
+    """State and callbacks for one POST answering parked waiters: latency from st.t0 to each answer.
+
+    An answer that arrives while st.t0 is None (before the POST) counts as early and bad.
+    """
+    st = State(early=0, t0=None, got=0, lat=[], bad=0, post_t=None, post_body=None, post_status=None)
+
+    def on_wait(c, status, body, t):
+        if st.t0 is None:
+            st.early += 1
+            st.bad += 1
+            if st.early <= 3:
+                log("waiter answered early: %s %r" % (status, body[:120]))
+            return
+        st.got += 1
+        if status == 200 and body.startswith(b"[{"):
+            st.lat.append(t - st.t0)
+        else:
+            st.bad += 1
+
+    def on_post(c, status, body, t):
+        st.post_t, st.post_status, st.post_body = t, status, body
+
+    return st, on_wait, on_post
+
+
 def safe_stats(ctl, keys=("waiters", "connections", "threads", "threads_busy")):
     """A few /stats fields for a diagnostic, or the error met asking for them."""
     try:
@@ -684,22 +710,7 @@ def scenario_wake(ctx, w):
     try:
         room = "bench"
         cursor = ctl.post(room, "start")
-        st = State(early=0, t0=None, got=0, lat=[], bad=0, post_t=None, post_body=None, post_status=None)
-
-        def on_wait(c, status, body, t):
-            if st.t0 is None:
-                st.early += 1
-                st.bad += 1
-                return
-            st.got += 1
-            if status == 200 and body.startswith(b"[{"):
-                st.lat.append(t - st.t0)
-            else:
-                st.bad += 1
-
-        def on_post(c, status, body, t):
-            st.post_t, st.post_status, st.post_body = t, status, body
-
+        st, on_wait, on_post = fanout_callbacks()
         poster = loop.connect(srv.port, on_post)
         conns, cerr, ok = park(ctx, srv.port, ctl, loop, w, poll_request(room, cursor, 30), on_wait, st,
                                timeout=60)
@@ -796,24 +807,7 @@ def scenario_fanout(ctx, n):
     try:
         room = "fanout"
         cursor = ctl.post(room, "start")
-        st = State(early=0, t0=None, got=0, lat=[], bad=0, post_t=None, post_body=None, post_status=None)
-
-        def on_wait(c, status, body, t):
-            if st.t0 is None:
-                st.early += 1
-                st.bad += 1
-                if st.early <= 3:
-                    log("waiter answered early: %s %r" % (status, body[:120]))
-                return
-            st.got += 1
-            if status == 200 and body.startswith(b"[{"):
-                st.lat.append(t - st.t0)
-            else:
-                st.bad += 1
-
-        def on_post(c, status, body, t):
-            st.post_t, st.post_status, st.post_body = t, status, body
-
+        st, on_wait, on_post = fanout_callbacks()
         poster = loop.connect(srv.port, on_post)
         base = ctl.stats()
         rss0 = srv.rss()
