@@ -1,27 +1,33 @@
 #!/usr/bin/env python3
 """A long-polling chat server in one file, using only the Python standard library.
 
-Copy this file anywhere and run ``python chat_server.py``; talk to it with curl or
+Copy this file anywhere and run ``python3 chat_server.py``; talk to it with curl or
 open http://127.0.0.1:8080/ in a browser.  The API is the one of the blog post "How
 to implement HTTP Long Polling in Go": ``POST /messages`` with ``{"body": "..."}``
 and ``GET /messages?after=<id>``, which waits until a newer message exists and
 answers ``[]`` when its timeout passes.  Unlike the post, ``after`` is honoured, ids
 are time-ordered UUIDs (version 7 layout) so "newer" is a plain comparison, and
-waiters sleep on a ``threading.Event`` instead of polling.
+waiters sleep on a ``threading.Event`` instead of polling.  The same cursor also
+drives Server-Sent Events (``Accept: text/event-stream``).
 
 How the pieces fit (in the order data flows through this file):
 
-    Configuration   constants and the Config object behind the command-line flags
-    Message store   ids, messages, rooms; optional SQLite file behind it (group commit)
-    Waiter registry parked GETs, one Event each; a post writes the shared answer to
-                    every parked socket itself, then sets the Events
-    Housekeeper     one thread: notices parked clients that hang up, prunes history
-    HTTP server     ThreadingHTTPServer whose connection threads are reused
-    HTTP handler    routing, body parsing, limits, errors as JSON
-    Web page        the chat page served at /
-    Command line    main()
+    Configuration        constants with units, the flag ranges, Config
+    Messages and cursors IdClock, Message, and what a cursor can mean (CursorGone, ...)
+    Message store        MessageStore with its byte budget; Database (SQLite, WAL, import)
+    Waiter registry      parked polls and open event streams, one Event each
+    Housekeeper          one thread: hang-ups, heartbeats, pruning, WAL checkpoints
+    HTTP server          ChatServer, its thread pool, and the fan-out writer: a post
+                         writes the shared answer to every parked socket itself
+    Request reading      the strict HTTP/1.1 parser: request line, headers, body
+    Access policy        Host allow-list, Origin checks, token, rate limit
+    HTTP handler         routes; turns store and policy outcomes into statuses
+    Event stream         the text/event-stream framing of the same outcomes
+    Metrics              /stats and /metrics from one set of counters
+    Web page             the chat page served at /
+    Command line         flags checked at start-up, main(), --import-room
 
-Exactly one party answers each parked GET: whoever removes it from the registry (a
+Exactly one party answers each parked poll: whoever removes it from the registry (a
 post, its own timeout, the housekeeper when the client hangs up, or shutdown).
 """
 
@@ -29,11 +35,13 @@ import argparse
 import base64
 import bisect
 import collections
+import contextlib
 import email.utils
 import errno
 import hashlib
+import heapq
 import hmac
-import io
+import ipaddress
 import json
 import math
 import os
@@ -61,7 +69,7 @@ try:
 except ImportError:  # Windows
     resource = None
 
-__version__ = "1.0"
+__version__ = "1.1"
 __all__ = ["ChatServer", "ChatHandler", "Config", "MessageStore", "Database", "make_server", "main"]
 
 
@@ -74,47 +82,93 @@ DEFAULT_PORT = 8080
 DEFAULT_DB = "chat.db"
 DEFAULT_ROOM = "default"
 
-#: Largest request body, in bytes (the seed's 10,000); larger ones get 413 before being read.
+# -- what one request may be (the request-size limits follow nginx's defaults) --
+
+#: Largest request body, in bytes (the seed's 10,000), however it is framed: 413 past it.
 MAX_BODY_BYTES = 10000
+#: Longest request line (nginx: large_client_header_buffers 8k); 414 past it.
+MAX_REQUEST_LINE_BYTES = 8192
+#: Longest header line, and all header lines together; 431 past either, before the rest is read.
+MAX_HEADER_LINE_BYTES = 8192
+MAX_HEADER_BYTES = 32768
+#: Most header lines in one request; 431 past it.
+MAX_HEADERS = 100
+#: Longest chunk-size line of a chunked body (the size and its extensions).
+MAX_CHUNK_LINE_BYTES = 1024
 #: Longest author name, in characters.
 MAX_AUTHOR_CHARS = 64
+#: The optional per-browser `client` id: this many characters of [A-Za-z0-9_-].
+MIN_CLIENT_CHARS, MAX_CLIENT_CHARS = 8, 64
 #: Deepest JSON nesting accepted in a request body.
 MAX_JSON_DEPTH = 16
+
+# -- what one answer may be --
+
 #: Long-poll wait when the request names none, and the most a request may ask for (seconds).
+#: 50 s stays clear of the 60 s that proxies such as nginx wait by default.
 DEFAULT_TIMEOUT_S = 10.0
-MAX_TIMEOUT_S = 60.0
+MAX_TIMEOUT_S = 50.0
 #: Waits are shortened by up to this fraction (at most 1 s) so clients polling in lockstep spread out.
 TIMEOUT_JITTER = 0.1
 #: Messages per answer when the request names no limit, and the most it may ask for.
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+#: Bytes of messages in one answer; an answer stops before it would pass this (the client
+#: follows the cursor for the rest).  At least one message is always sent.
+MAX_ANSWER_BYTES = 1024 * 1024
+#: Bytes of answers being written to clients at once; past it, answers shrink to one message,
+#: so clients that do not read cannot make the server hold their answers without bound.
+MAX_UNSENT_BYTES = 64 * 1024 * 1024
+
+# -- what the server keeps --
+
 #: Messages of each room held in memory (with no database, that is all the history there is).
 HISTORY_PER_ROOM = 1000
-#: Rooms that may exist at once; a post that would open one more gets 503.
+#: MiB of messages held in memory across all rooms; past it the oldest leave memory
+#: (they stay in the database; without one they are gone, and cursors before them get 410).
+MEMORY_MIB = 256
+#: Rooms with messages at once; a post that would open one more gets 503.
 MAX_ROOMS = 100
-#: Parked GETs at once; past it, a GET that would wait gets 503 with Retry-After.
+#: Parked polls and open event streams at once; past it, 503 with Retry-After.
 MAX_WAITERS = 12000
 #: Open connections at once; also capped by the open-files limit less FD_RESERVE.
 MAX_CONNECTIONS = 15000
 FD_RESERVE = 64
+#: Client addresses tracked by the rate limit; past it, the longest-quiet one is forgotten.
+MAX_RATE_KEYS = 65536
+
+# -- timing --
+
 #: A request's line, headers and body must all arrive within this many seconds of its first byte.
 REQUEST_TIMEOUT_S = 10.0
-#: A keep-alive connection with no request for this many seconds is closed.
+#: A keep-alive connection with no request for this many seconds is closed; so is one
+#: whose client does not read its answer for this long.
 IDLE_TIMEOUT_S = 30.0
 #: Seconds a client is told to wait (Retry-After) when the server is full.
 RETRY_AFTER_S = 1
+#: An event stream with nothing to send gets a comment line this often (the HTML
+#: standard's advice: proxies drop connections that stay silent).
+HEARTBEAT_S = 15.0
+#: Event-stream clients are told to reconnect after a random delay in this range (ms),
+#: so a restart does not bring every browser back in the same instant.
+STREAM_RETRY_MS = (2000, 6000)
 #: Threads kept for reuse exit after this long idle (plus up to half again, so they leave spread out).
 THREAD_IDLE_S = 60.0
-#: Listen backlog: bursts of thousands of connections must not be dropped (the stdlib's is 5).
-LISTEN_BACKLOG = 4096
-#: Bytes of read buffer per connection (the stdlib's 8 KiB costs memory for every parked waiter).
-READ_BUFFER_BYTES = 512
-#: Thread stack size; only touched pages cost memory, this bounds address space per thread.
-THREAD_STACK_BYTES = 512 * 1024
 #: The housekeeper's tick: new parked sockets are watched for hang-ups from the next tick on.
 HOUSEKEEPING_INTERVAL_S = 0.5
-#: How often history is pruned when --retain-count or --retain-days is set.
-PRUNE_INTERVAL_S = 30.0
+#: How often history is pruned (when --retain-count or --retain-days is set) and the WAL checkpointed.
+UPKEEP_INTERVAL_S = 30.0
+#: Rows deleted per transaction when pruning, so posts are never held up for long.
+PRUNE_BATCH_ROWS = 500
+
+# -- the process --
+
+#: Listen backlog: bursts of thousands of connections must not be dropped (the stdlib's is 5).
+LISTEN_BACKLOG = 4096
+#: Bytes asked of each recv(); what is left over after a request stays for the next one.
+RECV_BYTES = 16384
+#: Thread stack size; only touched pages cost memory, this bounds address space per thread.
+THREAD_STACK_BYTES = 512 * 1024
 #: The GIL switch interval.  Every thread waiting for the GIL wakes once per interval;
 #: with thousands woken at once (a fan-out, or clients leaving together) the stdlib's
 #: 5 ms made that a storm that stalled the server for over 20 s (bench/bench.py,
@@ -123,16 +177,34 @@ SWITCH_INTERVAL_S = 1.0
 #: select() on Windows handles at most 512 sockets; past that, hung-up waiters go at their timeout.
 SELECT_WATCH_LIMIT = 500
 
+#: The numeric options, with the range each must be in (checked at start-up) and what 0 means.
+OPTION_RANGES = {
+    "port": (0, 65535, "0 picks a free port"),
+    "max_timeout": (1.0, 3600.0, None),
+    "history": (1, 1000000, None),
+    "memory_mib": (1, 1048576, None),
+    "max_rooms": (1, 1000000, None),
+    "retain_count": (0, 10 ** 9, "0 keeps every message"),
+    "retain_days": (0.0, 36500.0, "0 keeps every message"),
+    "max_waiters": (1, 1000000, None),
+    "max_connections": (1, 1000000, None),
+    "request_timeout": (0.1, 3600, None),
+    "idle_timeout": (0.1, 3600, None),
+    "rate": (0.0, 1000000.0, "0 turns the limit off"),
+    "burst": (0, 1000000, "0 means twice the rate"),
+}
+
 #: One encoder for every answer: json.dumps() with options builds a new one per call.
 JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 STATUS_LINES = {status: "HTTP/1.1 %d %s\r\n" % (status, status.phrase) for status in HTTPStatus}
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}\Z")
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{%d,%d}\Z" % (MIN_CLIENT_CHARS, MAX_CLIENT_CHARS))
 ZERO_ID = "00000000-0000-0000-0000-000000000000"
 
 
 class Config:
-    """Every tunable of a server, with its default; unknown names fail fast."""
+    """Every tunable of a server, with its default; unknown names and out-of-range values fail fast."""
 
     host = DEFAULT_HOST
     port = DEFAULT_PORT
@@ -140,6 +212,7 @@ class Config:
     quiet = False
     max_timeout = MAX_TIMEOUT_S
     history = HISTORY_PER_ROOM
+    memory_mib = MEMORY_MIB
     max_rooms = MAX_ROOMS
     retain_count = 0          # 0: keep every message in the database
     retain_days = 0.0         # 0: no age limit
@@ -152,33 +225,113 @@ class Config:
     trust_proxy = False       # take the client address from X-Forwarded-For
     token = None              # bearer token required on the API
     cors_origin = None        # origin allowed to call the API from a browser
+    allow_hosts = ()          # extra names accepted in Host (see AccessPolicy); "*" for any
 
     def __init__(self, **options):
         for name, value in options.items():
             if not hasattr(Config, name) or name.startswith("_"):
                 raise TypeError("unknown option %r" % name)
+            if name in OPTION_RANGES:
+                value = check_range(name, value)
             setattr(self, name, value)
         if self.burst <= 0:
             self.burst = max(1, int(2 * self.rate))
+        self.allow_hosts = tuple(check_allowed_host(name) for name in self.allow_hosts)
+        if self.cors_origin is not None:
+            self.cors_origin = check_origin_option(self.cors_origin)
+        if self.token is not None:
+            self.token = check_token(self.token)
+
+    @property
+    def memory_bytes(self):
+        return int(self.memory_mib * 1024 * 1024)
+
+
+def check_range(name, value):
+    """`value` if it is a finite number within OPTION_RANGES[name]; ValueError naming the range."""
+    low, high, zero = OPTION_RANGES[name]
+    integral = isinstance(low, int)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integral and value != int(value):
+        ok = False
+    if not ok or not low <= value <= high:
+        raise ValueError("must be %s from %s to %s%s, not %r"
+                         % ("a whole number" if integral else "a number", low, high,
+                            " (%s)" % zero if zero else "", value))
+    return int(value) if integral else float(value)
+
+
+_HOST_NAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?)*\Z")
+
+
+def check_allowed_host(name):
+    """An --allow-host value in canonical form: '*', a DNS name, or an IP address literal."""
+    text = str(name).strip().lower().rstrip(".")
+    if text == "*":
+        return text
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        if not _HOST_NAME.match(text) or len(text) > 253:
+            raise ValueError("must be a host name or an IP address (no port, no scheme), "
+                             "or * for any; got %r" % str(name)[:100]) from None
+        return text
+    return "[%s]" % address.compressed if address.version == 6 else address.compressed
+
+
+def check_origin_option(value):
+    """A --cors-origin value: '*' or scheme://host[:port], as browsers write it in Origin."""
+    text = str(value).strip()
+    if text == "*":
+        return text
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port_ok = parts.port is None or 0 < parts.port
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or not port_ok:
+        raise ValueError("must be an origin such as https://chat.example.org (scheme, host, "
+                         "optional port; no path), or *; got %r" % text[:100])
+    return text.rstrip("/").lower()
+
+
+def check_token(value):
+    """A --token value: 1 to 256 visible ASCII characters (it travels in a header)."""
+    text = str(value)
+    if not re.match(r"[\x21-\x7e]{1,256}\Z", text):
+        raise ValueError("must be 1 to 256 visible ASCII characters (no spaces)")
+    return text
 
 
 # ---------------------------------------------------------------------------
-# Message store
+# Messages and cursors
 # ---------------------------------------------------------------------------
 
-class HTTPError(Exception):
-    """An answer other than success: status, message for the client, extra JSON and headers."""
+class CursorGone(Exception):
+    """Messages after the cursor are no longer kept; `oldest` is the oldest id still kept."""
 
-    def __init__(self, status, message, extra=None, headers=None):
-        super().__init__(message)
-        self.status = HTTPStatus(status)
-        self.message = message
-        self.extra = extra or {}
-        self.headers = headers or {}
+    def __init__(self, oldest):
+        super().__init__(oldest)
+        self.oldest = oldest
+
+
+class CursorAhead(Exception):
+    """The cursor is newer than any id this server has issued; `latest` is the newest it has."""
+
+    def __init__(self, latest):
+        super().__init__(latest)
+        self.latest = latest
+
+
+class RoomLimitReached(Exception):
+    """A post would open a room beyond --max-rooms."""
 
 
 class StorageError(Exception):
-    """The database could not be opened or written."""
+    """The database could not be opened, or a message could not be written to it."""
 
 
 class IdClock:
@@ -204,238 +357,379 @@ class IdClock:
         else:
             self._ms, self._seq = self._ms + 1, 0
         value = (self._ms << 80) | (0x7 << 76) | (self._seq << 64) | (0b10 << 62) | random.getrandbits(62)
-        text = "%032x" % value
-        return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+        return _uuid_text(value)
+
+
+def _uuid_text(value):
+    text = "%032x" % value
+    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
 
 
 def first_id_at(seconds):
     """The smallest id that the IdClock can issue at time `seconds` (for age cut-offs)."""
-    text = "%032x" % ((int(seconds * 1000) << 80) | (0x7 << 76) | (0b10 << 62))
-    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+    return _uuid_text((int(seconds * 1000) << 80) | (0x7 << 76) | (0b10 << 62))
+
+
+_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
 def parse_cursor(text):
-    """The canonical id for `text`, or None for "from the oldest"; HTTPError 400 if malformed."""
+    """The canonical id for `text`, or None for "from the oldest"; ValueError unless it is a
+    UUID in its usual 8-4-4-4-12 form (what this server issues)."""
     if text is None or text == "":
         return None
-    try:
-        cursor = str(uuid.UUID(text))
-    except ValueError:
-        raise HTTPError(400, "'after' must be a message id (a UUID), got %r" % text[:80]) from None
+    if not _UUID_TEXT.match(text):
+        raise ValueError(text)
+    cursor = text.lower()
     return None if cursor == ZERO_ID else cursor
 
 
-def rfc3339(seconds, _cache=[None, ""]):
-    """UTC time `seconds` as RFC 3339 with milliseconds, e.g. 2026-11-29T17:26:57.123Z."""
-    whole = int(seconds)
-    if _cache[0] != whole:      # strftime is a noticeable share of a post; once a second will do
-        _cache[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
-    return "%s.%03dZ" % (_cache[1], int(seconds * 1000) % 1000)
+def client_tag(client):
+    """The opaque tag stored and shown for a post's `client` id.
+
+    It is a hash, so a reader who sees the tag cannot post as that browser; the page
+    learns its own tag from the answer to its first post.
+    """
+    digest = hashlib.sha256(b"chat-client:" + client.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest[:12]).decode("ascii")
+
+
+#: What one message held in memory costs beyond its JSON, body and author strings: the
+#: object, its id and time strings, its tag, and its slots in the room's lists (bytes).
+MESSAGE_OVERHEAD_BYTES = 480
 
 
 class Message:
     """One chat message and its JSON encoding, made once and shared by every answer."""
 
-    __slots__ = ("id", "room", "created_at", "author", "body", "json", "error", "stored")
+    __slots__ = ("id", "room", "created_at", "author", "body", "client", "json", "size",
+                 "stored", "error", "lead", "opens_room")
 
-    def __init__(self, id, room, created_at, author, body):
-        self.id, self.room, self.created_at, self.author, self.body = id, room, created_at, author, body
+    def __init__(self, id, room, created_at, author, body, client=None):
+        self.id, self.room, self.created_at = id, room, created_at
+        self.author, self.body, self.client = author, body, client
         self.json = JSON_ENCODER.encode(self.as_dict()).encode()
+        self.size = len(self.json) + sys.getsizeof(body) + MESSAGE_OVERHEAD_BYTES + (
+            sys.getsizeof(author) if author else 0)
+        self.stored = None      # with a database: a lock released once its commit is over
         self.error = None
-        self.stored = None      # with a database: an Event set once its commit is over
+        self.lead = False       # handed the group commit by the poster before it
+        self.opens_room = False
 
     def as_dict(self):
         return {"id": self.id, "room": self.room, "created_at": self.created_at,
-                "author": self.author, "body": self.body}
+                "author": self.author, "body": self.body, "client": self.client}
 
+
+def encode_list(messages):
+    """A JSON array of already-encoded messages, ending in a newline."""
+    return b"[" + b",".join(m.json for m in messages) + b"]\n"
+
+
+def within_answer(messages, newest=False):
+    """The longest run of `messages` (from the start, or from the end with `newest`) that fits
+    MAX_ANSWER_BYTES; never fewer than one."""
+    total, count = 0, 0
+    for message in (reversed(messages) if newest else messages):
+        total += len(message.json) + 1
+        if total > MAX_ANSWER_BYTES and count:
+            break
+        count += 1
+    if count == len(messages):
+        return messages
+    return messages[len(messages) - count:] if newest else messages[:count]
+
+
+# ---------------------------------------------------------------------------
+# Message store
+# ---------------------------------------------------------------------------
 
 class Room:
     """The recent messages of one room, oldest first, and what fell out of memory."""
 
     __slots__ = ("name", "ids", "messages", "evicted", "gone", "dropped")
 
-    def __init__(self, name, messages=(), gone=None):
+    def __init__(self, name, messages=(), gone=None, evicted=None):
         self.name = name
         self.ids = [m.id for m in messages]
         self.messages = list(messages)
-        self.evicted = gone     # newest id no longer in memory (it may still be in the database)
+        self.evicted = evicted  # newest id no longer in memory (None: memory holds all there is)
         self.gone = gone        # newest id no longer anywhere
         self.dropped = 0        # messages that fell out of memory since start
 
 
-def encode_list(messages):
-    """A JSON array of already-encoded messages."""
-    return b"[" + b",".join(m.json for m in messages) + b"]"
-
-
 class MessageStore:
-    """Messages by room, newest `history` of each in memory, optionally backed by a Database.
+    """Messages by room, the recent ones in memory within a byte budget, optionally backed by a Database.
 
     Ids are issued under one lock in the order messages become visible.  With a
     database, a message is visible (and a post answered) only once it is committed;
     concurrent posts share one commit.  Readers never touch the disk for recent
-    messages, so waking a waiter never waits on it.
+    messages, so waking a waiter never waits on it.  A room exists while it has
+    messages, in memory or in the database; only rooms that exist count against
+    `max_rooms`.
     """
 
-    def __init__(self, history=HISTORY_PER_ROOM, max_rooms=MAX_ROOMS, database=None):
+    def __init__(self, history=HISTORY_PER_ROOM, max_rooms=MAX_ROOMS, database=None,
+                 memory_bytes=MEMORY_MIB * 1024 * 1024):
         self.history, self.max_rooms, self.database = history, max_rooms, database
-        self._lock = threading.Lock()          # rooms, ids, counters
-        self._commit_lock = threading.Lock()   # held by the one poster committing for everyone
+        self.memory_bytes = memory_bytes
+        self._lock = threading.Lock()       # rooms, ids, counters, the commit queue
         self._rooms = {}
-        self._pending = []
+        self._room_count = database.count_rooms() if database else 0
+        self._opening = {}      # room -> posts queued that would open it
+        self._pending = []      # messages waiting for the group commit
+        self._committing = False
+        self._forgotten = None  # without a database: newest id of any room dropped whole
+        self._stamp = (None, "")
         self.latest = database.last_id() if database else None
         self._clock = IdClock(self.latest)
+        self.bytes = 0
         self.posts = 0
+        self.dropped = 0
 
     # -- writing --
 
-    def add(self, room, body, author=None):
-        """Store a message and return it once it is visible; HTTPError 503 if it cannot be."""
-        created_at = rfc3339(time.time())
+    def add(self, room_name, body, author=None, client=None):
+        """Store a message and return it once it is visible.
+
+        RoomLimitReached if it would open a room past max_rooms; StorageError if the
+        database could not take it (nothing is then stored, and no room is opened).
+        """
+        if self.database is not None:
+            self._load_room(room_name)      # outside the lock: reads the disk once per room
+        tag = client_tag(client) if client else None
         with self._lock:
-            self._room(room, create=True)
-            message = Message(self._clock.next_id(), room, created_at, author, body)
+            created_at = self._created_at(time.time())
+            opens = room_name not in self._rooms
+            if opens and room_name not in self._opening and \
+                    self._room_count + len(self._opening) >= self.max_rooms:
+                raise RoomLimitReached(self.max_rooms)
+            message = Message(self._clock.next_id(), room_name, created_at, author, body, tag)
             if self.database is None:
                 self._publish([message])
                 return message
-            message.stored = threading.Event()
+            if opens:
+                message.opens_room = True
+                self._opening[room_name] = self._opening.get(room_name, 0) + 1
+            message.stored = threading.Lock()
+            message.stored.acquire()
             self._pending.append(message)
-        self._commit_until_stored(message)
+            lead, self._committing = not self._committing, True
+        if not lead:
+            message.stored.acquire()    # released once stored, or to hand us the commit
+            lead = message.lead
+        if lead:
+            self._commit_one_batch()
         if message.error:
-            raise HTTPError(503, "the message was not stored: %s" % message.error,
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise StorageError("the message was not stored: %s" % message.error)
         return message
 
-    def _commit_until_stored(self, message):
-        # Group commit.  A poster that finds nobody committing becomes the committer and
-        # writes everything queued, batch after batch, one transaction (one fsync) each;
-        # the others wait on their own message's Event.  (Waiting for the lock instead
-        # would make every poster take it in turn, one wake-up after another.)
-        while True:
-            if self._commit_lock.acquire(blocking=False):
-                try:
-                    while True:
-                        with self._lock:
-                            batch, self._pending = self._pending, []
-                        if not batch:
-                            break
-                        self._commit(batch)
-                finally:
-                    self._commit_lock.release()
-                if not self._pending:
-                    return      # ours was queued before we looked, so it is stored
-                # A post queued after our last look found the lock taken and is waiting
-                # on its Event for us: look again.
-            elif message.stored.wait(1.0):  # the timeout is only a safety net
-                return
-
-    def _commit(self, batch):
+    def _commit_one_batch(self):
+        # Group commit with a hand-off.  The poster that finds nobody committing commits
+        # everything queued so far in one transaction (one fsync), then hands the next
+        # batch to the oldest poster still queued.  It never commits more than one batch:
+        # a leader that kept committing for everybody until the queue ran dry would keep
+        # its own client waiting for as long as others kept posting (seconds, under load).
+        with self._lock:
+            batch, self._pending = self._pending, []
         try:
             self.database.insert(batch)
+            error = None
         except StorageError as exc:
-            for message in batch:
-                message.error = str(exc)
-        else:
-            with self._lock:
+            error = str(exc)
+        with self._lock:
+            if error is None:
                 self._publish(batch)
+            for message in batch:
+                message.error = error
+                if message.opens_room:
+                    left = self._opening.pop(message.room) - 1
+                    if left:
+                        self._opening[message.room] = left
+            successor = self._pending[0] if self._pending else None
+            if successor is None:
+                self._committing = False
+            else:
+                successor.lead = True
         for message in batch:
-            message.stored.set()
+            if not message.lead:        # a leader's lock was released when it was handed the lead
+                message.stored.release()
+        if successor is not None:
+            successor.stored.release()
+
+    def _created_at(self, now):
+        # RFC 3339 UTC with milliseconds; strftime is a noticeable share of a post, so once a second.
+        whole = int(now)
+        if self._stamp[0] != whole:
+            self._stamp = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+        return "%s.%03dZ" % (self._stamp[1], int(now * 1000) % 1000)
 
     def _publish(self, messages):
+        # Called with self._lock held: make committed messages visible, in id order.
+        touched = set()
         for message in messages:
-            room = self._rooms.get(message.room) or self._room(message.room, create=True)
+            room = self._rooms.get(message.room)
+            if room is None:
+                # With a database, older messages of the room (if any) are on disk, and none
+                # is newer than the newest id issued so far.
+                room = Room(message.room, gone=self._forgotten,
+                            evicted=self.latest if self.database is not None else self._forgotten)
+                self._rooms[message.room] = room
+                self._room_count += 1
             if room.ids and room.ids[-1] >= message.id:
                 continue        # already loaded from the database
             room.ids.append(message.id)
             room.messages.append(message)
+            self.bytes += message.size
             self.latest = message.id
             self.posts += 1
-        for room in {self._rooms[m.room] for m in messages}:
-            excess = len(room.ids) - self.history
-            if excess > 0:
-                room.evicted = room.ids[excess - 1]
-                if self.database is None:
-                    room.gone = room.evicted
-                room.dropped += excess
-                del room.ids[:excess], room.messages[:excess]
+            touched.add(room)
+        for room in touched:
+            if len(room.ids) > self.history:
+                self._evict(room, len(room.ids) - self.history)
+        if self.bytes > self.memory_bytes:
+            self._shrink_to_budget()
 
-    def _room(self, name, create=False):
-        # Called with self._lock held.
-        room = self._rooms.get(name)
-        if room is None and self.database is not None:
-            messages, gone = self.database.load_room(name, self.history)
-            if messages or gone or create:
-                room = Room(name, messages, gone)
-                if len(messages) == self.history:
-                    room.evicted = self.database.id_before(name, messages[0].id) or gone
-        elif room is None and create:
-            room = Room(name)
-        if room is not None and name not in self._rooms:
-            if len(self._rooms) >= self.max_rooms:
-                raise HTTPError(503, "this server keeps at most %d rooms (--max-rooms)" % self.max_rooms)
-            self._rooms[name] = room
-        return room
+    def _evict(self, room, count):
+        # Called with self._lock held: the room's `count` oldest messages leave memory.
+        self.bytes -= sum(m.size for m in room.messages[:count])
+        room.evicted = room.ids[count - 1]
+        if self.database is None:
+            room.gone = room.evicted
+        room.dropped += count
+        self.dropped += count
+        del room.ids[:count], room.messages[:count]
+        if not room.ids and self.database is None:
+            # Nothing left of it: it stops counting against max_rooms, and cursors from
+            # before what it lost still get 410 (see newer()).
+            del self._rooms[room.name]
+            self._room_count -= 1
+            self._forgotten = max(self._forgotten or room.gone, room.gone)
+
+    def _shrink_to_budget(self):
+        # Called with self._lock held: evict the oldest messages of all rooms until the
+        # budget is met with a little to spare, so this runs once per many posts.
+        target = self.memory_bytes - self.memory_bytes // 64
+        oldest = [(room.ids[0], room.name) for room in self._rooms.values() if room.ids]
+        heapq.heapify(oldest)
+        counts = collections.Counter()
+        freed = 0
+        while oldest and self.bytes - freed > target:
+            _, name = heapq.heappop(oldest)
+            room = self._rooms[name]
+            index = counts[name]
+            freed += room.messages[index].size
+            counts[name] = index + 1
+            if index + 1 < len(room.ids):
+                heapq.heappush(oldest, (room.ids[index + 1], name))
+        for name, count in counts.items():
+            self._evict(self._rooms[name], count)
+
+    def _load_room(self, name):
+        # With a database: bring a room's newest messages into memory before its first
+        # post, so that the post's waiters are answered from memory.
+        if name in self._rooms:
+            return
+        messages, floor = self.database.load_room(name, self.history)
+        if not messages:
+            return      # a new room (perhaps pruned to nothing earlier)
+        evicted = self.database.id_before(name, messages[0].id) if len(messages) == self.history else None
+        with self._lock:
+            if name in self._rooms:
+                return
+            self._rooms[name] = Room(name, messages, gone=floor, evicted=evicted or floor)
+            self.bytes += sum(m.size for m in messages)
+            if self.bytes > self.memory_bytes:
+                self._shrink_to_budget()
 
     # -- reading --
 
     def newer(self, room_name, after, limit, newest=False):
-        """Messages of the room with id > `after` (None: from the oldest kept), oldest first.
+        """Up to `limit` messages of the room with id > `after` (None: from the oldest kept),
+        oldest first and within MAX_ANSWER_BYTES.
 
-        With `newest`, the last `limit` messages of the room instead.  HTTPError 410 if
-        messages after `after` are no longer kept; 400 if `after` is newer than any id
-        this server has issued.
+        With `newest`, the room's last `limit` messages instead.  CursorGone if messages
+        after `after` are no longer kept; CursorAhead if `after` is newer than any id this
+        server has issued.
         """
         with self._lock:
             latest = self.latest
             if after is not None and (latest is None or after > latest):
-                raise HTTPError(400, "'after' is newer than any message of this server; "
-                                "poll again without it", {"latest": latest})
-            room = self._room(room_name)
-            if room is None:
-                return []
-            if after is not None and room.gone is not None and after < room.gone:
-                oldest = room.ids[0] if room.ids else None
-                if self.database is not None:
-                    oldest = self.database.oldest_id(room_name) or oldest
-                raise HTTPError(410, "messages after this cursor are no longer kept; "
-                                "poll again without 'after' to start from the oldest kept",
-                                {"oldest": oldest})
-            if newest and (self.database is None or room.evicted is None or len(room.ids) >= limit):
-                return room.messages[-limit:]
-            if self.database is None or room.evicted is None or (after is not None and after >= room.evicted):
+                raise CursorAhead(latest)
+            room = self._rooms.get(room_name)
+            if self.database is None:
+                gone = room.gone if room is not None else self._forgotten
+                if after is not None and gone is not None and after < gone:
+                    raise CursorGone(room.ids[0] if room is not None else None)
+                if room is None:
+                    return []
+                if newest:
+                    return within_answer(room.messages[-limit:], newest=True)
                 start = 0 if after is None else bisect.bisect_right(room.ids, after)
-                return room.messages[start:start + limit]
+                return within_answer(room.messages[start:start + limit])
+            if room is not None:
+                if newest and (room.evicted is None or len(room.ids) >= limit):
+                    return within_answer(room.messages[-limit:], newest=True)
+                if room.evicted is None or (after is not None and after >= room.evicted):
+                    start = 0 if after is None else bisect.bisect_right(room.ids, after)
+                    return within_answer(room.messages[start:start + limit])
+        # Older than memory holds: the database, up to what is already visible.
+        floor = self.database.floor(room_name)
+        if after is not None and floor is not None and after < floor:
+            raise CursorGone(self.database.oldest_id(room_name))
         if newest:
-            return self.database.read_newest(room_name, latest, limit)
-        # Older than memory holds: read the database, up to what is already visible.
-        return self.database.read(room_name, after, latest, limit)
+            return within_answer(self.database.read_newest(room_name, latest, limit), newest=True)
+        return within_answer(self.database.read(room_name, after, latest, limit))
+
+    def oldest_id(self, room_name):
+        """The oldest id kept of a room (None if it has none)."""
+        with self._lock:
+            room = self._rooms.get(room_name)
+            if room is not None and (room.evicted is None or self.database is None):
+                return room.ids[0] if room.ids else None
+        return self.database.oldest_id(room_name) if self.database is not None else None
+
+    def latest_id(self):
+        """The newest id issued so far (None on an empty server): a cursor meaning "from now on"."""
+        with self._lock:
+            return self.latest
 
     def stats(self):
         with self._lock:
-            return {"rooms": len(self._rooms),
+            return {"rooms": self._room_count,
                     "messages": sum(len(r.ids) for r in self._rooms.values()),
-                    "dropped": sum(r.dropped for r in self._rooms.values()),
+                    "memory_bytes": self.bytes,
+                    "dropped": self.dropped,
                     "posts": self.posts}
 
     # -- upkeep --
 
     def prune(self, retain_count, retain_days):
-        """Delete database history beyond the retention rules; cursors before it get 410."""
+        """Delete database history beyond the retention rules; cursors before it get CursorGone.
+
+        Deletes in small transactions of their own, so posts go on meanwhile.
+        """
         if self.database is None or not (retain_count or retain_days):
             return
         cutoff = first_id_at(time.time() - retain_days * 86400) if retain_days else None
-        with self._commit_lock:
-            floors = self.database.prune(retain_count, cutoff)
+        for name, (floor, emptied) in self.database.prune(retain_count, cutoff).items():
             with self._lock:
-                for name, floor in floors.items():
-                    room = self._rooms.get(name)
-                    if room is None:
-                        continue
+                room = self._rooms.get(name)
+                if room is not None:
+                    keep = bisect.bisect_right(room.ids, floor)
+                    if keep:
+                        self.bytes -= sum(m.size for m in room.messages[:keep])
+                        del room.ids[:keep], room.messages[:keep]
                     room.gone = floor
                     if room.evicted is None or room.evicted < floor:
                         room.evicted = floor
-                    keep = bisect.bisect_right(room.ids, floor)
-                    del room.ids[:keep], room.messages[:keep]
+                if emptied and (room is None or not room.ids):
+                    self._rooms.pop(name, None)
+                    self._room_count -= 1
+
+    def checkpoint(self):
+        if self.database is not None:
+            self.database.checkpoint()
 
     def close(self):
         if self.database is not None:
@@ -448,17 +742,20 @@ class Database:
     The connection holds the file in EXCLUSIVE locking mode, so a second server on
     the same file is refused instead of missing the first one's posts.  WAL with
     synchronous=FULL: a commit is on disk before its posts are answered, so an
-    answered post survives a crash of the process and of the machine.
+    answered post survives a crash of the process and of the machine.  If the file
+    cannot be written when the server starts (a full disk, a read-only file), it is
+    still read: `unwritable` says why, and posts fail until a write succeeds.
     """
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = 2
     SCHEMA = """
         CREATE TABLE messages (
             id TEXT PRIMARY KEY,            -- time-ordered UUID: sorting by id is sorting by time
             room TEXT NOT NULL,
             created_at TEXT NOT NULL,
             author TEXT,
-            body TEXT NOT NULL
+            body TEXT NOT NULL,
+            client TEXT                     -- the poster's client tag (version 2)
         ) WITHOUT ROWID;
         CREATE INDEX messages_by_room ON messages (room, id);
         CREATE TABLE rooms (
@@ -466,6 +763,7 @@ class Database:
             floor TEXT                      -- newest id pruned from this room
         ) WITHOUT ROWID;
     """
+    MIGRATIONS = {1: "ALTER TABLE messages ADD COLUMN client TEXT"}
 
     def __init__(self, path):
         if sqlite3 is None:
@@ -476,11 +774,8 @@ class Database:
         if os.path.isdir(path):
             raise StorageError("%s is a directory" % path)
         self.path = path
+        self.unwritable = None
         self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StorageError(str(exc)) from None
         try:
             self._open()
         except sqlite3.Error as exc:
@@ -489,64 +784,125 @@ class Database:
                 raise StorageError("the file is in use by another process "
                                    "(another chat_server?)") from None
             raise StorageError(str(exc)) from None
+        except StorageError:
+            self._conn.close()
+            raise
+
+    def _connect(self, read_only=False):
+        """A connection that has read the file's schema version (sqlite3.Error if it cannot)."""
+        path = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)) if read_only else self.path
+        try:
+            self._conn = sqlite3.connect(path, uri=read_only, timeout=0, isolation_level=None,
+                                         check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(str(exc)) from None
+        if not read_only:
+            # Exclusive from the first read on: the WAL index then lives in this process's
+            # memory, so a full disk, where no -shm file can be made, can still be read.
+            self._conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        # Read before anything writes, so a file that is not a database is left untouched.
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return version
 
     def _open(self):
+        try:
+            version = self._connect()
+        except sqlite3.OperationalError as exc:
+            # A file that cannot be opened for writing (read-only, immutable) cannot be
+            # locked exclusively in WAL mode; read it as readers do.
+            if "locked" in str(exc) or not os.path.isfile(self.path):
+                raise
+            self._conn.close()
+            version = self._connect(read_only=True)
+            self.unwritable = "the file is read-only (%s)" % exc
         conn = self._conn
-        # Read before anything writes, so a file that is not a database is left untouched.
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         if version > self.SCHEMA_VERSION:
             raise StorageError("made by a newer chat_server (schema %d; this one knows %d)"
                                % (version, self.SCHEMA_VERSION))
-        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-        conn.execute("BEGIN IMMEDIATE")     # takes the file's lock now
-        if version == 0:
-            for statement in self.SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-        conn.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)   # a real write: fails if read-only
-        conn.execute("COMMIT")
-        if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-            raise StorageError("cannot use write-ahead logging on this file")
+        self.version = version
+        if self.unwritable:
+            self._set_columns()
+            return
+        try:
+            conn.execute("BEGIN IMMEDIATE")     # takes the file's lock now
+            if version == 0:
+                for statement in self.SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            else:
+                for step in range(version, self.SCHEMA_VERSION):
+                    conn.execute(self.MIGRATIONS[step])
+            conn.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)   # a real write
+            conn.execute("COMMIT")
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise StorageError("cannot use write-ahead logging on this file")
+        except sqlite3.Error as exc:
+            if "locked" in str(exc):
+                raise
+            self._rollback()
+            if version == 0:
+                raise StorageError("cannot create the database: %s" % exc) from None
+            self.unwritable = str(exc)
+        else:
+            self.version = self.SCHEMA_VERSION
         conn.execute("PRAGMA synchronous=FULL")
+        self._set_columns()
+
+    def _set_columns(self):
+        # Read the client column only where the file has one (a version-1 file that
+        # could not be migrated is still served).
+        self._columns = "id, room, created_at, author, body, %s" % ("client" if self.version >= 2 else "NULL")
+
+    def _rollback(self):
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass    # the transaction is gone either way
 
     def _query(self, sql, params=()):
         with self._lock:
             try:
                 return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise HTTPError(503, "the database could not be read: %s" % exc,
-                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                raise StorageError("the database could not be read: %s" % exc) from None
 
     def insert(self, messages):
         """Commit `messages` in one transaction; StorageError if it failed (nothing written)."""
-        rows = [(m.id, m.room, m.created_at, m.author, m.body) for m in messages]
+        if self.version < self.SCHEMA_VERSION:
+            raise StorageError("the database could not be upgraded when the server started (%s); "
+                               "restart the server once the file can be written" % self.unwritable)
+        rows = [(m.id, m.room, m.created_at, m.author, m.body, m.client) for m in messages]
         rooms = [(name,) for name in {m.room for m in messages}]
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)", rows)
+                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
                 self._conn.executemany("INSERT OR IGNORE INTO rooms (name) VALUES (?)", rooms)
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if self._conn.in_transaction:
-                    try:
-                        self._conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass    # the transaction is gone either way
+                self._rollback()
                 raise StorageError(str(exc)) from None
+            self.unwritable = None
 
     def last_id(self):
         rows = self._query("SELECT max(id) FROM messages UNION ALL SELECT max(floor) FROM rooms")
         ids = [row[0] for row in rows if row[0]]
         return max(ids) if ids else None
 
+    def count_rooms(self):
+        return self._query("SELECT count(*) FROM (SELECT DISTINCT room FROM messages)")[0][0]
+
     def load_room(self, name, count):
         """The newest `count` messages of a room, oldest first, and its pruning floor."""
-        rows = self._query("SELECT id, room, created_at, author, body FROM messages "
-                           "WHERE room = ? ORDER BY id DESC LIMIT ?", (name, count))
-        floor = self._query("SELECT floor FROM rooms WHERE name = ?", (name,))
-        return [Message(*row) for row in reversed(rows)], (floor[0][0] if floor else None)
+        rows = self._query("SELECT %s FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
+                           % self._columns, (name, count))
+        return [Message(*row) for row in reversed(rows)], self.floor(name)
+
+    def floor(self, room):
+        rows = self._query("SELECT floor FROM rooms WHERE name = ?", (room,))
+        return rows[0][0] if rows else None
 
     def id_before(self, room, message_id):
         rows = self._query("SELECT max(id) FROM messages WHERE room = ? AND id < ?", (room, message_id))
@@ -556,19 +912,22 @@ class Database:
         return self._query("SELECT min(id) FROM messages WHERE room = ?", (room,))[0][0]
 
     def read(self, room, after, upto, limit):
-        rows = self._query("SELECT id, room, created_at, author, body FROM messages "
-                           "WHERE room = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
-                           (room, after or "", upto or "", limit))
+        rows = self._query("SELECT %s FROM messages WHERE room = ? AND id > ? AND id <= ? "
+                           "ORDER BY id LIMIT ?" % self._columns, (room, after or "", upto or "", limit))
         return [Message(*row) for row in rows]
 
     def read_newest(self, room, upto, limit):
-        rows = self._query("SELECT id, room, created_at, author, body FROM messages "
-                           "WHERE room = ? AND id <= ? ORDER BY id DESC LIMIT ?", (room, upto or "", limit))
+        rows = self._query("SELECT %s FROM messages WHERE room = ? AND id <= ? ORDER BY id DESC LIMIT ?"
+                           % self._columns, (room, upto or "", limit))
         return [Message(*row) for row in reversed(rows)]
 
     def prune(self, retain_count, cutoff):
-        """Apply the retention rules; return {room: newest id deleted} for rooms that lost any."""
-        floors = {}
+        """Apply the retention rules; return {room: (newest id deleted, room now empty)}.
+
+        The room's floor is recorded first, in the first transaction, so a cursor
+        before it is refused from then on; the rows go in batches of PRUNE_BATCH_ROWS.
+        """
+        results = {}
         for (name,) in self._query("SELECT name FROM rooms"):
             cut = None
             if retain_count:
@@ -580,31 +939,103 @@ class Database:
                 if rows[0][0] and (cut is None or rows[0][0] > cut):
                     cut = rows[0][0]
             if cut:
-                floors[name] = cut
-        if floors:
-            with self._lock:
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    for name, cut in floors.items():
-                        self._conn.execute("DELETE FROM messages WHERE room = ? AND id <= ?", (name, cut))
-                        self._conn.execute("UPDATE rooms SET floor = ? WHERE name = ?", (cut, name))
-                    self._conn.execute("COMMIT")
-                except sqlite3.Error:
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
-        return floors
+                self._write("UPDATE rooms SET floor = ? WHERE name = ?", (cut, name))
+                while self._write("DELETE FROM messages WHERE room = ? AND id IN (SELECT id FROM messages "
+                                  "WHERE room = ? AND id <= ? ORDER BY id LIMIT ?)",
+                                  (name, name, cut, PRUNE_BATCH_ROWS)) == PRUNE_BATCH_ROWS:
+                    pass
+                empty = not self._query("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (name,))
+                results[name] = (cut, empty)
+        return results
+
+    def _write(self, sql, params):
+        """Run one statement in a transaction of its own; the number of rows it changed."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                changed = self._conn.execute(sql, params).rowcount
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StorageError(str(exc)) from None
+        return changed
+
+    def checkpoint(self):
+        """Copy the WAL into the database file and empty it, so the WAL never holds the history."""
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError("checkpoint failed: %s" % exc) from None
+
+    def import_room(self, source_path, room):
+        """Copy one room's messages and floor from the database at `source_path`, in one
+        transaction; return (count, first id, last id).  StorageError if this database
+        already has the room, or the source cannot be read."""
+        rows, floor = read_room_from(source_path, room)
+        if not rows and floor is None:
+            raise StorageError("%s has no room %r" % (source_path, room))
+        with self._lock:
+            try:
+                if self._conn.execute("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (room,)).fetchall() or \
+                        self._conn.execute("SELECT 1 FROM rooms WHERE name = ?", (room,)).fetchall():
+                    raise StorageError("%s already has room %r; nothing was imported" % (self.path, room))
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._conn.execute("INSERT INTO rooms (name, floor) VALUES (?, ?)", (room, floor))
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StorageError(str(exc)) from None
+        return len(rows), (rows[0][0] if rows else None), (rows[-1][0] if rows else None)
 
     def close(self):
         with self._lock:
+            if self.unwritable is None:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                except sqlite3.Error:
+                    pass    # closing checkpoints again, as far as it can
             self._conn.close()
+
+
+def read_room_from(path, room):
+    """(rows, floor) of one room in the database file at `path`, opened read-only.
+
+    StorageError if the file is missing, not a database, or held by a running server.
+    """
+    if sqlite3 is None:
+        raise StorageError("this Python was built without the sqlite3 module")
+    if not os.path.isfile(path):
+        raise StorageError("%s does not exist" % path)
+    uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StorageError("%s: %s" % (path, exc)) from None
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if not 1 <= version <= Database.SCHEMA_VERSION:
+            raise StorageError("%s is not a chat_server database (schema %d)" % (path, version))
+        columns = "id, room, created_at, author, body, %s" % ("client" if version >= 2 else "NULL")
+        rows = conn.execute("SELECT %s FROM messages WHERE room = ? ORDER BY id" % columns, (room,)).fetchall()
+        floor = conn.execute("SELECT floor FROM rooms WHERE name = ?", (room,)).fetchall()
+    except sqlite3.Error as exc:
+        if "locked" in str(exc):
+            raise StorageError("%s is in use by a running server; stop it first" % path) from None
+        raise StorageError("%s: %s" % (path, exc)) from None
+    finally:
+        conn.close()
+    return rows, (floor[0][0] if floor else None)
 
 
 # ---------------------------------------------------------------------------
 # Waiter registry
 # ---------------------------------------------------------------------------
 
-ANSWERED, HUNG_UP, SENT_EARLY, CLOSING = "answered", "hung up", "sent early", "closing"
+# How a parked request ended, as seen by the thread that parked it.
+ANSWERED, HUNG_UP, SENT_EARLY, CLOSING, SLOW = "answered", "hung up", "sent early", "closing", "slow"
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)     # not on Windows, where the view alone suffices
 
 
@@ -620,31 +1051,51 @@ def nonblocking_view(family, type, proto, fd):
 
 
 class Waiter:
-    """One parked GET: what it asked for, its socket, and the Event that wakes its thread."""
+    """One parked poll or open event stream: what it follows, its socket, and the Event
+    that wakes its thread.
 
-    __slots__ = ("room", "after", "limit", "close", "fd", "view_args", "event", "outcome", "unsent")
+    A poll is answered once and leaves the registry; a stream stays, `after` moving on
+    with each event written to it, until it ends (slow reader, hang-up, shutdown).
+    """
 
-    def __init__(self, room, after, limit, close, sock):
-        self.room, self.after, self.limit, self.close = room, after, limit, close
+    __slots__ = ("room", "after", "limit", "connection", "fd", "view_args", "event", "outcome",
+                 "unsent", "stream", "live", "last_write")
+
+    def __init__(self, room, after, limit, connection, sock, stream=False):
+        self.room, self.after, self.limit, self.connection = room, after, limit, connection
         self.fd = sock.fileno()
         self.view_args = (sock.family, sock.type, sock.proto, self.fd)
         self.event = threading.Event()
         self.outcome = None
         self.unsent = b""
+        self.stream = stream
+        self.live = False           # a stream: caught up, so posts write to it
+        self.last_write = time.monotonic()
+
+    def _send(self, data):
+        view = nonblocking_view(*self.view_args)
+        try:
+            return view.send(data, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        finally:
+            view.detach()
 
     def send_nowait(self, data):
         """Write as much of `data` as the socket takes now; the waiter's thread sends the rest."""
-        view = nonblocking_view(*self.view_args)
         try:
-            sent = view.send(data, _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = self._send(data)
         except OSError:
             self.outcome = HUNG_UP
             return
-        finally:
-            view.detach()
-        self.unsent = data[sent:]
+        self.unsent = memoryview(data)[sent:] if sent < len(data) else b""
+
+    def send_all_nowait(self, data):
+        """Write all of `data` now, or report False (a slow reader, or a closed socket)."""
+        try:
+            return self._send(data) == len(data)
+        except OSError:
+            return False
 
     def peek(self):
         """After the socket turned readable: HUNG_UP, SENT_EARLY, or None if nothing is there now."""
@@ -660,13 +1111,16 @@ class Waiter:
 
 
 class WaiterRegistry:
-    """Parked GETs by room.  Removing a waiter from here is what entitles a party to answer it."""
+    """Parked polls and open streams by room.  Removing a waiter from here is what
+    entitles a party to answer (or end) it."""
 
     def __init__(self, max_waiters):
         self.max_waiters = max_waiters
         self._lock = threading.Lock()
-        self._rooms = {}
-        self.count = 0
+        self._polls = {}        # room -> {waiter: None}
+        self._streams = {}      # room -> {waiter: None}
+        self.count = 0          # polls and streams
+        self.streams = 0
         self.wakeups = 0
 
     def park(self, waiter):
@@ -674,33 +1128,38 @@ class WaiterRegistry:
         with self._lock:
             if self.count >= self.max_waiters:
                 return False
-            self._rooms.setdefault(waiter.room, {})[waiter] = None
+            rooms = self._streams if waiter.stream else self._polls
+            rooms.setdefault(waiter.room, {})[waiter] = None
             self.count += 1
+            self.streams += waiter.stream
             return True
 
     def is_parked(self, waiter):
+        rooms = self._streams if waiter.stream else self._polls
         with self._lock:
-            return waiter in self._rooms.get(waiter.room, ())
+            return waiter in rooms.get(waiter.room, ())
 
     def claim(self, waiter):
         """Remove `waiter` if it is still parked; True if the caller now owns its answer."""
+        rooms = self._streams if waiter.stream else self._polls
         with self._lock:
-            waiters = self._rooms.get(waiter.room)
+            waiters = rooms.get(waiter.room)
             if waiters is None or waiters.pop(waiter, True):
                 return False
             self.count -= 1
+            self.streams -= waiter.stream
             if not waiters:
-                del self._rooms[waiter.room]
+                del rooms[waiter.room]
             return True
 
     def claim_answerable(self, room, answer_for):
-        """Remove and return [(waiter, answer)] for the room's waiters with a non-empty answer.
+        """Remove and return [(poll, answer)] for the room's polls with a non-empty answer.
 
         `answer_for(after, limit)` is called once per distinct (after, limit), so one
         answer is built per group, not per waiter.
         """
         with self._lock:
-            waiters = self._rooms.pop(room, None)
+            waiters = self._polls.pop(room, None)
             if not waiters:
                 return []
             answers, claimed, still = {}, [], {}
@@ -713,18 +1172,32 @@ class WaiterRegistry:
                 else:
                     still[waiter] = None    # its cursor is already the newest: keep waiting
             if still:
-                self._rooms[room] = still
+                self._polls[room] = still
             self.count -= len(claimed)
             self.wakeups += len(claimed)
             return claimed
 
+    def streams_in(self, room):
+        """The room's open streams (a snapshot)."""
+        with self._lock:
+            return list(self._streams.get(room, ()))
+
+    def all_streams(self):
+        with self._lock:
+            return [w for waiters in self._streams.values() for w in waiters]
+
     def claim_all(self):
         with self._lock:
-            waiters = [w for room in self._rooms.values() for w in room]
-            self._rooms.clear()
-            self.count = 0
+            waiters = [w for rooms in (self._polls, self._streams) for room in rooms.values() for w in room]
+            self._polls.clear()
+            self._streams.clear()
+            self.count = self.streams = 0
             return waiters
 
+
+# ---------------------------------------------------------------------------
+# Housekeeper
+# ---------------------------------------------------------------------------
 
 class Housekeeper(threading.Thread):
     """One background thread: notices parked clients that hang up, and runs periodic upkeep.
@@ -739,6 +1212,9 @@ class Housekeeper(threading.Thread):
     applies them each tick: a selector call is a system call that lets go of the GIL,
     and made by thousands of re-parking threads under a shared lock it became a
     convoy that stalled the server.
+
+    Upkeep: heartbeats for quiet event streams, forgetting rate-limit entries that have
+    refilled, and every UPKEEP_INTERVAL_S pruning the history and checkpointing the WAL.
     """
 
     def __init__(self, server):
@@ -749,7 +1225,8 @@ class Housekeeper(threading.Thread):
         self._changes = collections.deque()     # (watch?, waiter); deque appends are thread-safe
         self._stop = threading.Event()
         self._next_upkeep = time.monotonic() + HOUSEKEEPING_INTERVAL_S
-        self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+        self._next_storage_upkeep = time.monotonic() + UPKEEP_INTERVAL_S
+        self._storage_failing = False
 
     def watch(self, waiter):
         self._changes.append((True, waiter))
@@ -818,14 +1295,22 @@ class Housekeeper(threading.Thread):
     def _upkeep(self):
         now = time.monotonic()
         self._next_upkeep = now + HOUSEKEEPING_INTERVAL_S
-        self.server.forget_idle_clients(now)
-        if now >= self._next_prune:
-            self._next_prune = now + PRUNE_INTERVAL_S
-            config = self.server.config
+        self.server.send_heartbeats(now)
+        self.server.rate_limiter.forget_idle(now)
+        if now >= self._next_storage_upkeep:
+            self._next_storage_upkeep = now + UPKEEP_INTERVAL_S
+            config, store = self.server.config, self.server.store
             try:
-                self.server.store.prune(config.retain_count, config.retain_days)
+                store.prune(config.retain_count, config.retain_days)
+                store.checkpoint()
+            except StorageError as exc:
+                if not self._storage_failing:   # once, not every 30 s
+                    self.server.log("database upkeep failed (will retry): %s" % exc)
+                self._storage_failing = True
             except Exception:
-                self.server.log("pruning failed\n%s" % traceback.format_exc())
+                self.server.log("database upkeep failed\n%s" % traceback.format_exc())
+            else:
+                self._storage_failing = False
 
     def stop(self):
         """Ask the thread to end at its next tick (it closes its selector itself)."""
@@ -937,6 +1422,41 @@ class _Worker(threading.Thread):
         self.pool.work(self)
 
 
+class UnsentBudget:
+    """Bytes of answers being written to clients at once, within MAX_UNSENT_BYTES."""
+
+    #: Bytes an answer adds to each message's JSON (a comma; an event's id and data lines).
+    FRAMING_BYTES = 64
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    @contextlib.contextmanager
+    def hold(self, messages):
+        """The longest run of `messages` from the start (at least one) whose answer fits what
+        is left of the budget, held while the caller writes it."""
+        sizes = [len(m.json) + self.FRAMING_BYTES for m in messages]
+        wanted = sum(sizes)
+        with self._lock:
+            granted = max(sizes[0], min(wanted, self.limit - self.bytes))
+            self.bytes += granted
+        try:
+            if granted < wanted:
+                total, count = 0, 0
+                for size in sizes:
+                    total += size
+                    if total > granted and count:
+                        break
+                    count += 1
+                messages = messages[:count]
+            yield messages
+        finally:
+            with self._lock:
+                self.bytes -= granted
+
+
 class ChatServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that owns the store, the waiters and the limits its handlers share."""
 
@@ -948,19 +1468,24 @@ class ChatServer(ThreadingHTTPServer):
         self.store = store
         self.registry = WaiterRegistry(config.max_waiters)
         self.pool = WorkerPool()
-        self.page = build_page(PAGE_HTML)
+        self.rate_limiter = RateLimiter(config.rate, config.burst)
+        self.unsent = UnsentBudget(MAX_UNSENT_BYTES)
+        self.statuses = collections.Counter()   # answers sent, by status code
+        self.stream_events = 0      # events written to streams by the fan-out (under fanout_lock)
+        self.streams_cut = 0        # streams ended because their client read too slowly
         self.started = time.monotonic()
         self.closing = False
         self._lock = threading.Lock()
         self.fanout_lock = threading.Lock()     # see Housekeeper.run
         self._connections = {}      # socket -> handler (None until it has one)
-        self._buckets = {}          # client address -> [tokens, last refill]
         self._date = (0, "")
         self.static_headers = self._static_headers()
         self.housekeeper = Housekeeper(self)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ChatHandler)
+        self.policy = AccessPolicy(config, address[0], self.server_address[1])
+        self.page = build_page(PAGE_HTML)
         self.housekeeper.start()
 
     def _static_headers(self):
@@ -996,18 +1521,18 @@ class ChatServer(ThreadingHTTPServer):
             if not full:
                 self._connections[request] = None
         if full:
-            self._refuse(request, "the server has too many open connections")
+            self._refuse(request, "the server has too many open connections; try again shortly")
             return
         try:
             self.pool.submit(self.process_request_thread, request, client_address)
         except RuntimeError:
             with self._lock:
                 self._connections.pop(request, None)
-            self._refuse(request, "the server cannot start another thread")
+            self._refuse(request, "the server cannot start another thread; try again shortly")
 
     def _refuse(self, request, reason):
         data = self.render(HTTPStatus.SERVICE_UNAVAILABLE, json_bytes({"error": reason}),
-                           headers={"Retry-After": str(RETRY_AFTER_S)}, close=True)
+                           headers={"Retry-After": str(RETRY_AFTER_S)}, connection="close")
         try:
             request.setblocking(False)
             request.send(data)
@@ -1039,101 +1564,155 @@ class ChatServer(ThreadingHTTPServer):
         return self._date[1]
 
     def render(self, status, body, content_type="application/json; charset=utf-8",
-               headers=None, close=False, head_only=False):
-        """A complete HTTP/1.1 response as bytes, to be sent in one write."""
-        lines = [STATUS_LINES[status], "Date: %s\r\nServer: chat_server/%s\r\nContent-Type: %s\r\n"
-                 "Content-Length: %d\r\n%s" % (self.http_date(), __version__, content_type, len(body),
-                                                 self.static_headers)]
+               headers=None, connection=None, head_only=False):
+        """A complete HTTP/1.1 response as bytes, to be sent in one write.
+
+        `connection` is None, "close" or "keep-alive" (said to HTTP/1.0 clients that asked
+        for it).  A 204 has no Content-Length (RFC 9110 8.6), nor has a `body` of None (the
+        head of an event stream, which ends with its connection); HEAD gets the headers only.
+        """
+        length = "" if status == HTTPStatus.NO_CONTENT or body is None else "Content-Length: %d\r\n" % len(body)
+        lines = [STATUS_LINES[status], "Date: %s\r\nServer: chat_server/%s\r\nContent-Type: %s\r\n%s%s"
+                 % (self.http_date(), __version__, content_type, length, self.static_headers)]
         for name, value in (headers or {}).items():
             lines.append("%s: %s\r\n" % (name, value))
-        if close:
-            lines.append("Connection: close\r\n")
+        if connection:
+            lines.append("Connection: %s\r\n" % connection)
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1")
-        return head if head_only else head + body
+        return head if head_only or body is None else head + body
 
     def wake(self, room):
-        """Answer every waiter of `room` that has news: write to its socket, then wake its thread.
+        """Answer every poll of `room` that has news and feed its streams: write to each
+        socket, then wake the threads.
 
         Writing here, one non-blocking send per waiter with one shared answer per
         cursor, costs far less than waking thousands of threads to each build and
         send their own; the threads are woken afterwards only to read their next request.
         """
         claimed = self.registry.claim_answerable(room, self._answer_for(room))
+        streams = self.registry.streams_in(room)
+        if not claimed and not streams:
+            return
         responses = {}
         with self.fanout_lock:
             for waiter, body in claimed:
-                key = (id(body), waiter.close)
+                key = (id(body), waiter.connection)
                 if key not in responses:
-                    responses[key] = self.render(HTTPStatus.OK, body, close=waiter.close)
+                    responses[key] = self.render(HTTPStatus.OK, body, connection=waiter.connection)
                 waiter.send_nowait(responses[key])
                 if waiter.outcome is None:
                     waiter.outcome = ANSWERED
+            slow = self._feed_streams(room, streams) if streams else ()
         for waiter, _ in claimed:
             waiter.event.set()
+        self._end_slow_streams(slow)
 
     def _answer_for(self, room):
         def answer(after, limit):
             try:
                 messages = self.store.newer(room, after, limit)
-            except HTTPError:
-                return b""      # e.g. a cursor from another life: let the waiter ask again
+            except (CursorGone, CursorAhead, StorageError):
+                return b""      # e.g. pruned meanwhile: let the waiter ask again at its timeout
             return encode_list(messages) if messages else b""
         return answer
 
-    # -- limits --
+    def _feed_streams(self, room, streams):
+        # Called with fanout_lock held: write each live stream the events after its
+        # cursor, built once per distinct cursor; return the streams that could not take them.
+        events, slow, now = {}, [], time.monotonic()
+        for stream in streams:
+            if not stream.live:
+                continue        # still catching up on its own thread
+            if stream.after not in events:
+                events[stream.after] = self._events_after(room, stream.after)
+            data, last, count = events[stream.after]
+            if data is None:
+                slow.append(stream)     # its cursor is no longer valid: reconnecting gets a reset
+            elif data:
+                if stream.send_all_nowait(data):
+                    stream.after, stream.last_write = last, now
+                    self.stream_events += count
+                else:
+                    slow.append(stream)
+        return slow
 
-    def allow_post(self, client):
-        """Token bucket per client address: True if `client` may post now."""
-        rate = self.config.rate
-        if not rate:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(client, (self.config.burst, now))
-            tokens = min(self.config.burst, tokens + (now - last) * rate)
-            if tokens < 1:
-                self._buckets[client] = (tokens, now)
-                return False
-            self._buckets[client] = (tokens - 1, now)
-            return True
+    def _events_after(self, room, after):
+        try:
+            messages = self.store.newer(room, after, MAX_LIMIT)
+        except (CursorGone, CursorAhead, StorageError):
+            return None, None, 0
+        if not messages:
+            return b"", None, 0
+        return encode_events(messages), messages[-1].id, len(messages)
 
-    def forget_idle_clients(self, now):
-        """Drop rate-limit buckets that have refilled, so the table stays small."""
-        if not self.config.rate:
+    def _end_slow_streams(self, streams):
+        for stream in streams:
+            if self.registry.claim(stream):
+                stream.outcome = SLOW
+                with self._lock:
+                    self.streams_cut += 1
+                stream.event.set()
+
+    def send_heartbeats(self, now):
+        """Write a comment line to every event stream that has been quiet for HEARTBEAT_S."""
+        due = [s for s in self.registry.all_streams() if s.live and now - s.last_write >= HEARTBEAT_S]
+        if not due:
             return
-        full_after = self.config.burst / self.config.rate
-        with self._lock:
-            for client, (_, last) in list(self._buckets.items()):
-                if now - last > full_after:
-                    del self._buckets[client]
+        slow = []
+        with self.fanout_lock:
+            for stream in due:
+                if stream.send_all_nowait(b":\n\n"):
+                    stream.last_write = now
+                else:
+                    slow.append(stream)
+        self._end_slow_streams(slow)
 
     # -- status and shutdown --
 
     def stats(self):
+        """Counters and gauges for /stats and /metrics."""
         with self._lock:
             connections = len(self._connections)
-        stats = {"waiters": self.registry.count, "connections": connections,
-                 "wakeups": self.registry.wakeups}
+        stats = {"waiters": self.registry.count - self.registry.streams, "streams": self.registry.streams,
+                 "connections": connections, "wakeups": self.registry.wakeups}
         stats.update(self.pool.stats())
         stats.update(self.store.stats())
+        stats["stream_events"] = self.stream_events
+        stats["streams_cut"] = self.streams_cut
+        stats["unsent_bytes"] = self.unsent.bytes
+        database = self.store.database
+        stats["writable"] = database is None or database.unwritable is None
         stats["uptime"] = round(time.monotonic() - self.started, 3)
         stats["rss_bytes"] = resident_bytes()
         return stats
 
+    def count_status(self, code):
+        if not isinstance(code, int):
+            return
+        with self._lock:
+            self.statuses[code] += 1
+
+    def status_counts(self):
+        """{status code: answers sent} since start."""
+        with self._lock:
+            return dict(self.statuses)
+
     def log(self, message):
-        sys.stderr.write("chat_server: %s\n" % message)
+        sys.stderr.write("chat_server: %s\n" % printable(message, keep_newlines=True))
 
     def server_close(self):
-        """Stop listening, answer every parked waiter with [], and let the threads finish."""
+        """Stop listening, answer every parked poll with [] and end every stream, and let the threads finish."""
         self.closing = True
         super().server_close()
         self.housekeeper.stop()
-        goodbye = self.render(HTTPStatus.OK, b"[]", close=True)
+        goodbye = self.render(HTTPStatus.OK, b"[]\n", connection="close")
         waiters = self.registry.claim_all()
-        for waiter in waiters:
-            waiter.send_nowait(goodbye)
-            waiter.outcome = CLOSING
+        with self.fanout_lock:
+            for waiter in waiters:
+                if not waiter.stream:
+                    waiter.send_nowait(goodbye)
+                waiter.outcome = CLOSING
         for waiter in waiters:
             waiter.event.set()
         with self._lock:
@@ -1154,36 +1733,199 @@ def resident_bytes():
 
 
 def json_bytes(obj):
-    return JSON_ENCODER.encode(obj).encode()
+    """`obj` as compact UTF-8 JSON ending in a newline (for people reading it in a terminal)."""
+    return JSON_ENCODER.encode(obj).encode() + b"\n"
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def printable(text, keep_newlines=False):
+    """`text` with control and bidirectional-override characters escaped, for the logs."""
+    def escape(match):
+        char = match.group()
+        if keep_newlines and char == "\n":
+            return char
+        return "\\x%02x" % ord(char) if ord(char) < 0x100 else "\\u%04x" % ord(char)
+    return _UNPRINTABLE.sub(escape, text)
 
 
 # ---------------------------------------------------------------------------
-# HTTP handler
+# Request reading
 # ---------------------------------------------------------------------------
 
-class _RequestReader(io.RawIOBase):
-    """The socket as seen by a handler's rfile, with the connection's time limits.
+class HTTPError(Exception):
+    """An answer other than success: status, message for the client, extra JSON and headers.
+
+    `close` says the connection must end after the answer: the request's framing is
+    unknown or its body unread, so the bytes after it cannot be trusted to be a request.
+    """
+
+    def __init__(self, status, message, extra=None, headers=None, close=False):
+        super().__init__(message)
+        self.status = HTTPStatus(status)
+        self.message = message
+        self.extra = extra or {}
+        self.headers = headers or {}
+        self.close = close
+
+
+def framing_error(message, status=HTTPStatus.BAD_REQUEST):
+    return HTTPError(status, message, close=True)
+
+
+_METHOD = re.compile(rb"[A-Z][A-Z_-]{0,19}\Z")
+_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]+\Z")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;.*)?\Z")
+#: Fields that must not appear twice: a second one would be read differently by different
+#: parsers (request smuggling, a confused Host or token check).
+SINGLE_FIELDS = frozenset(("host", "content-length", "transfer-encoding", "content-type", "authorization",
+                           "origin", "expect", "last-event-id", "sec-fetch-site"))
+SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
+
+
+class Request:
+    """One request as read off the wire: its line, its headers (lower-case names), its framing."""
+
+    __slots__ = ("method", "target", "version", "headers", "line", "keep_alive", "length",
+                 "chunked", "expect_continue", "body_done")
+
+    def __init__(self, method, target, version, headers, line):
+        self.method, self.target, self.version, self.headers, self.line = method, target, version, headers, line
+        self.keep_alive = True
+        self.length = 0             # body bytes announced by Content-Length (0 when chunked)
+        self.chunked = False
+        self.expect_continue = False
+        self.body_done = True       # nothing left of this request on the connection
+
+
+def parse_head(head):
+    """A Request from the bytes of a request line and its header lines (each ending in LF).
+
+    As strict as nginx or more: HTTPError 400 (or 414, 431, 505, 501, 413) with close for
+    anything that a proxy in front could read differently.
+    """
+    lines = head.split(b"\n")
+    lines.pop()     # after the last LF
+    for index, line in enumerate(lines):
+        if line.endswith(b"\r"):
+            line = lines[index] = line[:-1]
+        if b"\r" in line:
+            raise framing_error("a bare CR in the request head")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE_BYTES:
+        raise framing_error("the request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES,
+                            HTTPStatus.REQUEST_URI_TOO_LONG)
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        raise framing_error("the request line must be METHOD SP TARGET SP HTTP/1.1")
+    method, target, version = parts
+    match = _VERSION.match(version)
+    if not match:
+        raise framing_error("the request line must end in HTTP/1.1 or HTTP/1.0")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise framing_error("HTTP version %s is not supported; use HTTP/1.1" % version.decode(),
+                            HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+    if not _METHOD.match(method):
+        raise framing_error("the method must be a word in capitals, such as GET or POST")
+    if not _TARGET.match(target):
+        raise framing_error("the request target must be printable ASCII without spaces")
+    if len(head) - len(request_line) > MAX_HEADER_BYTES + 2 * len(lines):
+        raise framing_error("the headers are longer than %d bytes" % MAX_HEADER_BYTES,
+                            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    if len(lines) - 1 > MAX_HEADERS:
+        raise framing_error("more than %d header lines" % MAX_HEADERS, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    headers = {}
+    for line in lines[1:]:
+        if len(line) > MAX_HEADER_LINE_BYTES:
+            raise framing_error("a header line is longer than %d bytes" % MAX_HEADER_LINE_BYTES,
+                                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        if line[:1] in (b" ", b"\t"):
+            raise framing_error("folded header lines (starting with a space) are not accepted")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise framing_error("a header line without a colon")
+        if not _FIELD_NAME.match(name):
+            raise framing_error("invalid header name %r (no spaces before the colon)" % name.decode("latin-1")[:40])
+        value = value.strip(b" \t")
+        if _BAD_FIELD_BYTE.search(value):
+            raise framing_error("a control character in header %s" % name.decode("ascii"))
+        key = name.decode("ascii").lower()
+        text = value.decode("latin-1")
+        if key in headers:
+            if key in SINGLE_FIELDS:
+                raise framing_error("two %s headers" % name.decode("ascii"))
+            headers[key] += ", " + text
+        else:
+            headers[key] = text
+    request = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"),
+                      headers, request_line.decode("latin-1"))
+    _check_framing(request)
+    return request
+
+
+def _check_framing(request):
+    # RFC 9112 6: how the body is delimited, decided before anything else is done.
+    headers, http10 = request.headers, request.version == "HTTP/1.0"
+    if not http10 and not headers.get("host"):
+        raise framing_error("an HTTP/1.1 request needs one non-empty Host header")
+    tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
+    request.keep_alive = "close" not in tokens and (not http10 or "keep-alive" in tokens)
+    coding, length = headers.get("transfer-encoding"), headers.get("content-length")
+    if coding is not None:
+        if http10:
+            raise framing_error("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        if length is not None:
+            raise framing_error("send Content-Length or Transfer-Encoding, not both")
+        codings = [c.strip().lower() for c in coding.split(",")]
+        if codings != ["chunked"]:
+            if "" in codings or "chunked" in codings[:-1]:
+                raise framing_error("chunked must be the last and only transfer coding")
+            raise framing_error("only Transfer-Encoding: chunked is supported", HTTPStatus.NOT_IMPLEMENTED)
+        request.chunked, request.body_done = True, False
+    elif length is not None:
+        if not _DIGITS.match(length):
+            raise framing_error("Content-Length must be digits only, got %r" % length[:40])
+        request.length = int(length) if len(length) <= 15 else MAX_BODY_BYTES + 1
+        if request.length > MAX_BODY_BYTES:
+            raise framing_error("the body is %s bytes; requests may have at most %d"
+                                % (length[:20], MAX_BODY_BYTES), HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        request.body_done = request.length == 0
+    expect = headers.get("expect")
+    if expect is not None and not http10:
+        if expect.lower() != "100-continue":
+            raise framing_error("the only expectation this server meets is 100-continue",
+                                HTTPStatus.EXPECTATION_FAILED)
+        request.expect_continue = not request.body_done
+
+
+class RequestReader:
+    """Reads requests off one connection, with the connection's time limits.
 
     Between requests a connection may stay silent for `idle_timeout` seconds; once a
     request's first byte arrives, all of it (line, headers, body) must arrive within
     `request_timeout`, so a client trickling bytes (slowloris) cannot hold a thread.
+    Bytes after a request stay in `buffer` for the next one (pipelining).
     """
 
-    __slots__ = ("sock", "idle_timeout", "request_timeout", "idle", "_deadline")
+    __slots__ = ("sock", "buffer", "idle_timeout", "request_timeout", "idle", "_deadline")
 
     def __init__(self, sock, idle_timeout, request_timeout):
-        super().__init__()
         self.sock, self.idle_timeout, self.request_timeout = sock, idle_timeout, request_timeout
+        self.buffer = bytearray()
         self.idle = True
         self._deadline = 0.0
 
-    def expect_request(self):
-        self.idle = True
+    def _started(self):
+        self.idle = False
+        self._deadline = time.monotonic() + self.request_timeout
 
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
+    def _fill(self):
+        """Receive more bytes into the buffer; False at the end of the stream."""
         if self.idle:
             timeout = self.idle_timeout
         else:
@@ -1192,15 +1934,337 @@ class _RequestReader(io.RawIOBase):
                 raise socket.timeout("the request took longer than %g s to arrive" % self.request_timeout)
         if self.sock.gettimeout() != timeout:
             self.sock.settimeout(timeout)   # a system call: skipped in the usual case
-        count = self.sock.recv_into(buffer)
-        if self.idle and count:
-            self.idle = False
-            self._deadline = time.monotonic() + self.request_timeout
-        return count
+        data = self.sock.recv(RECV_BYTES)
+        if not data:
+            return False
+        if self.idle:
+            self._started()
+        self.buffer += data
+        return True
+
+    def read_request(self):
+        """The next Request, None when the client closed the connection between requests."""
+        self.idle = True
+        buffer = self.buffer
+        if buffer:
+            self._started()     # pipelined: it arrived with the previous one
+        scanned = 0
+        while True:
+            # RFC 9112 2.2: empty lines before a request line are ignored.
+            while buffer.startswith(b"\r\n") or buffer.startswith(b"\n"):
+                del buffer[:2 if buffer[0] == 13 else 1]
+                scanned = 0
+            end = buffer.find(b"\n\r\n", max(0, scanned - 2))
+            crlf = end >= 0
+            lf_end = buffer.find(b"\n\n", max(0, scanned - 1), end + 1 if crlf else len(buffer))
+            if lf_end >= 0:
+                end, crlf = lf_end, False
+            if end >= 0:
+                head = bytes(buffer[:end + 1])
+                del buffer[:end + (3 if crlf else 2)]
+                return parse_head(head)
+            scanned = len(buffer)
+            self._check_partial_head()
+            if not self._fill():
+                if buffer:
+                    raise ConnectionAbortedError("the client closed the connection in the middle of a request")
+                return None
+
+    def _check_partial_head(self):
+        # Refuse an oversized head as soon as it shows, not after reading all of it.
+        buffer = self.buffer
+        first_end = buffer.find(b"\n")
+        if first_end < 0:
+            if len(buffer) > MAX_REQUEST_LINE_BYTES:
+                raise framing_error("the request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES,
+                                    HTTPStatus.REQUEST_URI_TOO_LONG)
+            return
+        if len(buffer) - first_end > MAX_HEADER_BYTES:
+            raise framing_error("the headers are longer than %d bytes" % MAX_HEADER_BYTES,
+                                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        if len(buffer) - buffer.rfind(b"\n") > MAX_HEADER_LINE_BYTES + 2:
+            raise framing_error("a header line is longer than %d bytes" % MAX_HEADER_LINE_BYTES,
+                                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+
+    def read_exactly(self, count):
+        while len(self.buffer) < count:
+            if not self._fill():
+                raise ConnectionAbortedError("the client closed the connection in the middle of a request")
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        return data
+
+    def _read_line(self, limit):
+        """One CRLF-terminated line of a chunked body, without its CRLF."""
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 2]
+                if b"\r" in line or b"\n" in line:
+                    raise framing_error("a chunked body line must end in CRLF")
+                return line
+            if len(self.buffer) > limit or b"\n" in self.buffer:
+                raise framing_error("a malformed line in the chunked body")
+            if not self._fill():
+                raise ConnectionAbortedError("the client closed the connection in the middle of a request")
+
+    def read_body(self, request, on_continue):
+        """The request's body as bytes, within MAX_BODY_BYTES (413 as soon as it is passed).
+
+        `on_continue` is called first if the client waits for 100 Continue.
+        """
+        if request.body_done:
+            return b""
+        if request.expect_continue and not self.buffer:
+            on_continue()
+        if request.chunked:
+            body = self._read_chunked()
+        else:
+            body = self.read_exactly(request.length)
+        request.body_done = True
+        return body
+
+    def _read_chunked(self):
+        body = bytearray()
+        while True:
+            match = _CHUNK_SIZE.match(self._read_line(MAX_CHUNK_LINE_BYTES))
+            if not match or (match.group(2) and _BAD_FIELD_BYTE.search(match.group(2))):
+                raise framing_error("a malformed chunk size in the chunked body")
+            size = int(match.group(1), 16)
+            if not size:
+                break
+            if len(body) + size > MAX_BODY_BYTES:
+                raise framing_error("the body is over %d bytes" % MAX_BODY_BYTES,
+                                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            body += self.read_exactly(size)
+            if self.read_exactly(2) != b"\r\n":
+                raise framing_error("chunk data must be followed by CRLF")
+        total = 0
+        while True:     # the trailer section: read and ignored
+            line = self._read_line(MAX_HEADER_LINE_BYTES)
+            if not line:
+                return bytes(body)
+            total += len(line)
+            name, colon, value = line.partition(b":")
+            if total > MAX_HEADER_BYTES or not colon or not _FIELD_NAME.match(name) or _BAD_FIELD_BYTE.search(value):
+                raise framing_error("a malformed trailer after the chunked body")
+
+    def discard_body(self, request):
+        """Read and drop what is left of the request's body; False if the connection must close instead."""
+        if request.body_done:
+            return True
+        if request.expect_continue:
+            return False    # told no 100 Continue: it may send its body or not
+        try:
+            self.read_body(request, None)
+        except HTTPError:
+            return False
+        return True
+
+
+# ---------------------------------------------------------------------------
+# Access policy
+# ---------------------------------------------------------------------------
+
+_HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]{0,5}))?\Z")
+
+
+def split_host(value):
+    """(name, port or None) of a Host header or URL authority, name in canonical form; None if malformed."""
+    match = _HOST_VALUE.match(value)
+    if not match:
+        return None
+    name, port = match.group(1).lower(), match.group(2)
+    if name.startswith("["):
+        try:
+            name = "[%s]" % ipaddress.IPv6Address(name[1:-1]).compressed
+        except ValueError:
+            return None
+    else:
+        name = name.rstrip(".")
+        if not name:
+            return None
+    if port:
+        port = int(port)
+        if port > 65535:
+            return None
+    return name, port or None
+
+
+def is_loopback_name(name):
+    """True for localhost, names under .localhost, 127.0.0.0/8 and [::1] (as split_host writes them)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name[1:-1] if name.startswith("[") else name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+class AccessPolicy:
+    """Who may ask what of this server: the Host allow-list, the Origin check, the token.
+
+    A web page the user visits can send requests to a server on their loopback
+    interface: a cross-site form or `fetch` POST is sent without asking (only its
+    answer is hidden), and a page whose name is re-pointed to 127.0.0.1 (DNS
+    rebinding) is even same-origin with the server.  The Host allow-list stops the
+    second, the Origin check on every request that changes state stops the first.
+    """
+
+    def __init__(self, config, listen_host, port):
+        self.port = port
+        self.token = config.token
+        self.cors_origin = config.cors_origin
+        names = set(config.allow_hosts)
+        listen = split_host(listen_host if ":" not in listen_host else "[%s]" % listen_host)
+        self.listen_name = listen[0] if listen else None
+        # A server reachable from other machines, with no names given, answers to any
+        # Host as before (the start-up warning says so); "*" asks for that explicitly.
+        self.any_host = "*" in names or (not names and not is_loopback_name(self.listen_name or ""))
+        self.names = frozenset(names - {"*"})
+
+    def host_allowed(self, name, port):
+        """True if a request for `name`:`port` is meant for this server."""
+        if self.any_host or name in self.names:
+            return True     # names from --allow-host: behind a proxy, any port
+        if port != self.port and not (port is None and self.port == 80):
+            return False
+        return is_loopback_name(name) or name == self.listen_name
+
+    def check_host(self, request):
+        """The request's (name, port); HTTPError 400 for a malformed Host, 421 for a foreign one."""
+        value = request.headers.get("host")
+        target = request.target
+        if target.startswith(("http://", "https://")):      # absolute form: its authority wins
+            value = target.split("/", 3)[2]
+        if value is None:
+            return None     # HTTP/1.0 without Host: it can only be a direct client
+        host = split_host(value)
+        if host is None:
+            raise HTTPError(400, "the Host header %r is not a host name or address with an optional port"
+                            % value[:100], close=True)
+        if not self.host_allowed(*host):
+            raise HTTPError(421, "this server does not answer to the name %r; if it is its name, "
+                            "start the server with --allow-host %s" % (value[:100], host[0][:100]))
+        return host
+
+    def origin_allowed(self, origin, request_host):
+        """True if a browser page at `origin` may change state here."""
+        if self.cors_origin is not None and (self.cors_origin == "*" or origin.lower() == self.cors_origin):
+            return True
+        scheme, sep, authority = origin.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            return False        # "null" (sandboxed frames, file: pages) and the like
+        host = split_host(authority)
+        if host is None:
+            return False
+        if host == request_host:
+            return True         # the page came from this server, under the name it used
+        return not self.any_host and self.host_allowed(*host)
+
+    def check_origin(self, request, request_host):
+        """HTTPError 403 unless a state-changing request comes from no page or from this server's own."""
+        origin = request.headers.get("origin")
+        if origin is not None:
+            if not self.origin_allowed(origin, request_host):
+                raise HTTPError(403, "requests from web pages at %s may not change anything here "
+                                "(see --cors-origin)" % origin[:100])
+        elif request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+            raise HTTPError(403, "requests from other web sites may not change anything here")
+
+    def check_token(self, request, query_token=None):
+        """HTTPError 401 unless the request carries the token (a header; `query_token` for streams)."""
+        given = request.headers.get("authorization", "")
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() != "bearer" or not credentials:
+            credentials = query_token or ""
+        if not hmac.compare_digest(credentials.strip().encode("utf-8", "replace"), self.token.encode("utf-8")):
+            raise HTTPError(401, "this server needs 'Authorization: Bearer <token>'",
+                            headers={"WWW-Authenticate": 'Bearer realm="chat"'})
+
+
+def rate_key(address):
+    """The rate-limit key for a client address: the address itself, an IPv6 one by its /64
+    (one machine usually holds the whole /64); None if `address` is not an IP address."""
+    text = address.strip()
+    if text.startswith("[") and "]" in text:
+        text = text[1:text.index("]")]          # [v6]:port
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]           # v4:port
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class RateLimiter:
+    """A token bucket per client, for at most MAX_RATE_KEYS clients (the longest quiet is forgotten)."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = rate, burst
+        self._lock = threading.Lock()
+        self._buckets = collections.OrderedDict()   # key -> (tokens, last refill), most recent last
+
+    def allow(self, key):
+        """True if `key` may post now."""
+        if not self.rate:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            allowed = tokens >= 1
+            self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+            if len(self._buckets) > MAX_RATE_KEYS:
+                self._buckets.popitem(last=False)
+            return allowed
+
+    def retry_after(self):
+        return max(1, math.ceil(1 / self.rate))
+
+    def forget_idle(self, now):
+        """Drop buckets that have refilled, so the table stays small."""
+        if not self.rate:
+            return
+        full_after = self.burst / self.rate
+        with self._lock:
+            while self._buckets:
+                key, (_, last) = next(iter(self._buckets.items()))
+                if now - last <= full_after:
+                    break
+                del self._buckets[key]
+
+    def __len__(self):
+        return len(self._buckets)
+
+
+# ---------------------------------------------------------------------------
+# HTTP handler
+# ---------------------------------------------------------------------------
+
+class ClientNotReading(ConnectionError):
+    """The client did not read its answer within --idle-timeout."""
+
+
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s]*")
+_INTEGER = re.compile(r"[0-9]{1,9}\Z")
+_DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{0,6})?\Z")
 
 
 class ChatHandler(BaseHTTPRequestHandler):
-    """Routes a request to one of the methods named in ROUTES and answers it in JSON."""
+    """Reads each request with RequestReader, routes it by path and method (ROUTES), and answers.
+
+    The routes speak of messages, rooms and cursors; this class alone decides which
+    status code each outcome of the store and the access policy becomes.
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "chat_server/" + __version__
@@ -1211,20 +2275,21 @@ class ChatHandler(BaseHTTPRequestHandler):
         "/rooms/<room>/messages": {"GET": "get_messages", "POST": "post_message"},
         "/healthz": {"GET": "get_health"},
         "/stats": {"GET": "get_stats"},
+        "/metrics": {"GET": "get_metrics"},
     }
-    OPEN_PATHS = {"/", "/healthz"}      # answered without the token
+    OPEN_PATHS = frozenset(("/", "/healthz"))      # answered without the token
 
     def setup(self):
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         config = self.server.config
-        self.reader = _RequestReader(self.connection, config.idle_timeout, config.request_timeout)
-        self.rfile = io.BufferedReader(self.reader, READ_BUFFER_BYTES)
-        self.wfile = _SocketWriter(self)
+        self.reader = RequestReader(self.connection, config.idle_timeout, config.request_timeout)
+        self.req = None
+        self.requestline, self.command, self.request_version = "", None, "HTTP/1.1"
         self.server.track(self.connection, self)
 
     def finish(self):
-        self.rfile.close()
+        pass    # nothing is buffered: every answer goes out in one sendall
 
     def interrupt_if_idle(self):
         """At shutdown: end a keep-alive connection that is between requests."""
@@ -1235,73 +2300,126 @@ class ChatHandler(BaseHTTPRequestHandler):
                 pass
 
     def handle_one_request(self):
-        self.reader.expect_request()
-        super().handle_one_request()
+        """Read one request, as strictly as RequestReader does, and answer it with do_<METHOD>."""
+        self.req, self.command, self.requestline = None, None, ""
+        try:
+            request = self.reader.read_request()
+        except HTTPError as exc:
+            self.requestline = "(refused request head)"
+            return self._fail(exc)
+        except socket.timeout:
+            self.close_connection = True
+            if not self.reader.idle:
+                self.requestline = "(incomplete request head)"
+                self._fail(self._too_slow())
+            return
+        except ConnectionError:
+            self.close_connection = True
+            return
+        if request is None:
+            self.close_connection = True
+            return
+        self.req = request
+        self.command, self.path, self.request_version = request.method, request.target, request.version
+        self.headers = request.headers
+        self.requestline = _TOKEN_IN_QUERY.sub(r"\1[hidden]", request.line)
+        self.close_connection = not request.keep_alive
+        method = getattr(self, "do_" + request.method, None)
+        if method is None:
+            return self._fail(HTTPError(501, "method %s is not supported here; use GET, HEAD, POST or OPTIONS"
+                                        % request.method))
+        method()
+
+    def _too_slow(self):
+        return HTTPError(408, "the request took longer than %g s to arrive (--request-timeout)"
+                         % self.server.config.request_timeout, close=True)
 
     # -- dispatch --
 
     def do_GET(self):
         self._dispatch()
 
-    def do_POST(self):
-        self._dispatch()
+    do_HEAD = do_POST = do_OPTIONS = do_GET
 
-    def do_OPTIONS(self):
-        path, _ = self._split_path()
-        methods = self._methods_for(path)
-        if methods is None:
-            return self.send_error(HTTPStatus.NOT_FOUND, "no such path: %s" % path[:200])
-        allow = ", ".join(sorted(set(methods) | {"OPTIONS"}))
-        headers = {"Allow": allow}
-        if self.server.config.cors_origin:
-            headers.update({"Access-Control-Allow-Methods": allow,
-                            "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                            "Access-Control-Max-Age": "600"})
-        self._discard_body()
-        self._respond(HTTPStatus.NO_CONTENT, b"", headers=headers)
+    def _dispatch(self):
+        request = self.req
+        path, _, query = request.target.partition("?")
+        if not path.startswith("/"):
+            path = self._path_of_target(path)
+        try:
+            host = self.server.policy.check_host(request)
+            if path == "*" and self.command == "OPTIONS":
+                return self._answer_options({"GET": None, "POST": None})
+            methods = self._methods_for(path)
+            if methods is None:
+                raise HTTPError(404, "no such path: %s" % path[:200])
+            if self.command == "OPTIONS":
+                return self._answer_options(methods)
+            route = methods.get("GET" if self.command == "HEAD" else self.command)
+            if route is None:
+                raise HTTPError(405, "%s does not accept %s" % (path[:200], self.command),
+                                headers={"Allow": self._allow(methods)})
+            if self.command not in SAFE_METHODS:
+                self.server.policy.check_origin(request, host)
+            query = parse_query(query.partition("#")[0])
+            if self.server.config.token and path not in self.OPEN_PATHS:
+                self.server.policy.check_token(request, query.get("token") if self._wants_stream() else None)
+            room = self._room_of(path)
+            if self.command != "POST" and not self._discard_body():
+                self.close_connection = True
+            getattr(self, route)(room, query)
+        except HTTPError as exc:
+            self._fail(exc)
+        except CursorGone as exc:
+            self._fail(HTTPError(410, "messages after this cursor are no longer kept; "
+                                 "poll again without 'after' to start from the oldest kept", {"oldest": exc.oldest}))
+        except CursorAhead as exc:
+            self._fail(HTTPError(400, "'after' is newer than any message of this server (was it restarted "
+                                 "without its database?); poll again without it", {"latest": exc.latest}))
+        except RoomLimitReached as exc:
+            self._fail(HTTPError(503, "this server keeps at most %s rooms (--max-rooms); post to an existing room "
+                                 "or try again later" % exc, headers={"Retry-After": str(RETRY_AFTER_S)}))
+        except StorageError as exc:
+            self._fail(HTTPError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}))
+        except socket.timeout:
+            self._fail(self._too_slow())
+        except ConnectionError:
+            self.close_connection = True
+        except Exception:
+            self.log_error("unhandled error in %s\n%s", self.requestline, traceback.format_exc())
+            self._fail(HTTPError(500, "internal server error", close=True))
 
-    def _split_path(self):
-        if self.path.startswith("/"):   # the usual origin-form; urlsplit is for the rest
-            path, _, query = self.path.partition("?")
-            return path, query.partition("#")[0]
-        parts = urllib.parse.urlsplit(self.path)
-        return parts.path or "/", parts.query
+    @staticmethod
+    def _path_of_target(target):
+        # The absolute form (http://host/path), as proxies may send it; AccessPolicy took its host.
+        if target.startswith(("http://", "https://")):
+            parts = target.split("/", 3)
+            return "/" + (parts[3] if len(parts) > 3 else "")
+        return target
 
     def _methods_for(self, path):
-        """(route methods, room) for a path, or None if it is not one of ours."""
+        """The route's {method: handler name} for a path, or None if it is not one of ours."""
         if path.startswith("/rooms/") and path.endswith("/messages"):
             return self.ROUTES["/rooms/<room>/messages"]
         return self.ROUTES.get(path)
 
-    def _dispatch(self):
-        path, query = self._split_path()
-        self._body_read = False
-        try:
-            methods = self._methods_for(path)
-            if methods is None:
-                raise HTTPError(404, "no such path: %s" % path[:200])
-            if self.command not in methods:
-                raise HTTPError(405, "%s does not accept %s" % (path[:200], self.command),
-                                headers={"Allow": ", ".join(sorted(set(methods) | {"OPTIONS"}))})
-            if self.server.config.token and path not in self.OPEN_PATHS:
-                self._check_token()
-            room = self._room_of(path)
-            if self.command != "POST":
-                self._discard_body()
-            getattr(self, methods[self.command])(room, self._parse_query(query))
-        except HTTPError as exc:
-            if not self._body_read:
-                self._discard_body()    # so the next request on this connection starts clean
-            self._send_json(exc.status, dict({"error": exc.message}, **exc.extra), exc.headers)
-        except socket.timeout:
+    @staticmethod
+    def _allow(methods):
+        allowed = set(methods) | {"OPTIONS"}
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        return ", ".join(sorted(allowed))
+
+    def _answer_options(self, methods):
+        allow = self._allow(methods)
+        headers = {"Allow": allow}
+        if self.server.config.cors_origin:
+            headers.update({"Access-Control-Allow-Methods": allow,
+                            "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
+                            "Access-Control-Max-Age": "600"})
+        if not self._discard_body():
             self.close_connection = True
-            self._send_json(HTTPStatus.REQUEST_TIMEOUT, {"error": "the request took longer than %g s "
-                            "to arrive" % self.server.config.request_timeout}, close=True)
-        except ConnectionError:
-            self.close_connection = True
-        except Exception:
-            self.log_error("unhandled error in %s %s\n%s", self.command, self.path, traceback.format_exc())
-            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal server error"}, close=True)
+        self._respond(HTTPStatus.NO_CONTENT, b"", headers=headers)
 
     def _room_of(self, path):
         if not path.startswith("/rooms/"):
@@ -1312,19 +2430,14 @@ class ChatHandler(BaseHTTPRequestHandler):
                             "not starting with '.'; got %r" % name[:80])
         return name
 
-    def _parse_query(self, query):
+    def _discard_body(self):
         try:
-            return dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False,
-                                               errors="strict"))
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, "the query string is not valid UTF-8 form data") from None
+            return self.reader.discard_body(self.req)
+        except (socket.timeout, OSError):
+            return False
 
-    def _check_token(self):
-        given = self.headers.get("Authorization", "")
-        expected = "Bearer " + self.server.config.token
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
-            raise HTTPError(401, "this server needs 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": 'Bearer realm="chat"'})
+    def _wants_stream(self):
+        return self.command == "GET" and "text/event-stream" in self.headers.get("accept", "")
 
     # -- routes --
 
@@ -1339,40 +2452,56 @@ class ChatHandler(BaseHTTPRequestHandler):
     def get_stats(self, room, query):
         self._send_json(HTTPStatus.OK, self.server.stats())
 
+    def get_metrics(self, room, query):
+        self._respond(HTTPStatus.OK, prometheus_text(self.server.stats(), self.server.status_counts()),
+                      "text/plain; version=0.0.4; charset=utf-8")
+
     def post_message(self, room, query):
-        client = self._client_address()
-        fields = self._read_message_fields()
-        if not self.server.allow_post(client):
-            raise HTTPError(429, "too many posts from %s; slow down" % client,
-                            headers={"Retry-After": str(max(1, round(1 / self.server.config.rate)))})
-        message = self.server.store.add(room, fields["body"], fields.get("author"))
+        server = self.server
+        if not self.req.chunked and "content-length" not in self.headers:
+            # Without either, the body's end is unknown (the bytes after the head may be it).
+            raise HTTPError(411, "send the message with a Content-Length header (curl does), "
+                            "or with Transfer-Encoding: chunked", close=True)
+        if not server.rate_limiter.allow(self._rate_key()):
+            wait = server.rate_limiter.retry_after()
+            raise HTTPError(429, "too many posts from your address; wait %d s and try again" % wait,
+                            headers={"Retry-After": str(wait)})
+        body = self.reader.read_body(self.req, self._send_continue)
+        fields = read_message_fields(body, self.headers.get("content-type", ""))
+        message = server.store.add(room, fields["body"], fields["author"], fields["client"])
         try:
-            self._respond(HTTPStatus.CREATED, message.json)
+            self._respond(HTTPStatus.CREATED, message.json + b"\n")
         finally:
-            self.server.wake(room)  # even if the poster has gone, its message was stored
+            server.wake(room)  # even if the poster has gone, its message was stored
 
     def get_messages(self, room, query):
-        after = parse_cursor(query.get("after"))
-        timeout = min(self._number(query, "timeout", DEFAULT_TIMEOUT_S, float), self.server.config.max_timeout)
+        if self._wants_stream():
+            return EventStream(self, room, query).run()
+        after = self._cursor(query.get("after"), "after")
+        timeout = min(self._number(query, "timeout", DEFAULT_TIMEOUT_S), self.server.config.max_timeout)
         newest = "tail" in query
         if newest and after is not None:
             raise HTTPError(400, "use 'after' or 'tail', not both")
-        name = "tail" if newest else "limit"
-        limit = self._number(query, name, DEFAULT_LIMIT, int)
-        if limit < 1 or limit > MAX_LIMIT:
-            raise HTTPError(400, "'%s' must be from 1 to %d" % (name, MAX_LIMIT))
+        limit = self._limit(query, "tail" if newest else "limit")
         messages = self.server.store.newer(room, after, limit, newest)
-        if messages or timeout <= 0:
-            return self._respond(HTTPStatus.OK, encode_list(messages))
+        # HEAD never waits; nor does a poll whose client already sent its next request.
+        if messages or timeout <= 0 or self.command == "HEAD" or self.reader.buffer:
+            return self.send_messages(messages)
         self._wait(room, after, limit, timeout)
+
+    def send_messages(self, messages):
+        """Answer a poll with `messages`, fewer if the answers being written already fill MAX_UNSENT_BYTES."""
+        if not messages:
+            return self._respond(HTTPStatus.OK, b"[]\n")
+        with self.server.unsent.hold(messages) as fitting:
+            self._respond(HTTPStatus.OK, encode_list(fitting))
 
     def _wait(self, room, after, limit, timeout):
         server = self.server
-        waiter = Waiter(room, after, limit, self.close_connection, self.connection)
+        waiter = Waiter(room, after, limit, self._connection_header(), self.connection)
         if not server.registry.park(waiter):
-            raise HTTPError(503, "too many clients are waiting (--max-waiters %d)" % server.registry.max_waiters,
-                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        self.headers = None     # the request is read; a parked thread keeps as little as it can
+            raise HTTPError(503, "too many clients are waiting (--max-waiters %d); try again shortly"
+                            % server.registry.max_waiters, headers={"Retry-After": str(RETRY_AFTER_S)})
         server.housekeeper.watch(waiter)
         try:
             # Look again now that we are registered: a post that landed since the first
@@ -1380,10 +2509,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             messages = server.store.newer(room, after, limit)
             if messages:
                 if server.registry.claim(waiter):
-                    return self._respond(HTTPStatus.OK, encode_list(messages))
+                    return self.send_messages(messages)
             elif not waiter.event.wait(timeout - random.random() * min(1.0, timeout * TIMEOUT_JITTER)):
                 if server.registry.claim(waiter):
-                    return self._respond(HTTPStatus.OK, b"[]")
+                    return self._respond(HTTPStatus.OK, b"[]\n")
             waiter.event.wait()     # claimed by another party, which sets the event when done
         finally:
             server.housekeeper.unwatch(waiter)
@@ -1400,149 +2529,114 @@ class ChatHandler(BaseHTTPRequestHandler):
         if waiter.outcome == SENT_EARLY:
             # The client sent its next request before this one was answered: answer
             # this one now, as at a timeout, and go on to the next.
-            waiter.unsent = self.server.render(HTTPStatus.OK, b"[]", close=waiter.close)
+            waiter.unsent = self.server.render(HTTPStatus.OK, b"[]\n", connection=waiter.connection)
         elif waiter.outcome == CLOSING:
             self.close_connection = True
         if waiter.unsent:
             self._send_bytes(waiter.unsent)
+            waiter.unsent = b""
         self.log_request(HTTPStatus.OK)
 
     # -- reading requests --
 
-    def _client_address(self):
+    def _rate_key(self):
         if self.server.config.trust_proxy:
-            forwarded = self.headers.get("X-Forwarded-For", "")
-            if forwarded.strip():
-                return forwarded.split(",")[-1].strip()
-        return self.client_address[0]
+            # The proxy appends the address it was connected from: the last entry.
+            last = self.headers.get("x-forwarded-for", "").rpartition(",")[2]
+            key = rate_key(last) if last.strip() else None
+            if key:
+                return key
+        return rate_key(self.client_address[0]) or self.client_address[0]
 
     @staticmethod
-    def _number(query, name, default, kind):
+    def _cursor(text, name):
+        try:
+            return parse_cursor(text)
+        except ValueError:
+            raise HTTPError(400, "'%s' must be a message id (a UUID), got %r" % (name, text[:80])) from None
+
+    @staticmethod
+    def _number(query, name, default):
         text = query.get(name)
         if text is None or text == "":
             return default
-        try:
-            value = kind(text)
-        except ValueError:
-            raise HTTPError(400, "'%s' must be a number, got %r" % (name, text[:40])) from None
-        if not math.isfinite(value) or value < 0:
-            raise HTTPError(400, "'%s' must be a finite number >= 0, got %r" % (name, text[:40]))
-        return value
+        if not _DECIMAL.match(text):
+            raise HTTPError(400, "'%s' must be a number of seconds such as 10 or 2.5, got %r" % (name, text[:40]))
+        return float(text)
 
-    def _read_body(self):
-        """The request body as bytes, within MAX_BODY_BYTES; HTTPError 400/411/413 otherwise."""
-        self._body_read = True
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise HTTPError(411, "send the body with a Content-Length; "
-                            "Transfer-Encoding is not supported")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            raise HTTPError(411, "a Content-Length header is required")
-        if len(set(lengths)) != 1 or not lengths[0].strip().isdigit():
-            self.close_connection = True
-            raise HTTPError(400, "Content-Length must be one non-negative integer, got %r"
-                            % ", ".join(lengths)[:80])
-        length = int(lengths[0])
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise HTTPError(413, "the body is %d bytes; the limit is %d" % (length, MAX_BODY_BYTES))
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self.close_connection = True
-            raise HTTPError(400, "the body ended after %d of %d bytes" % (len(body), length))
-        return body
+    @staticmethod
+    def _limit(query, name):
+        text = query.get(name)
+        if text is None or text == "":
+            return DEFAULT_LIMIT
+        if not _INTEGER.match(text) or not 1 <= int(text) <= MAX_LIMIT:
+            raise HTTPError(400, "'%s' must be a whole number from 1 to %d, got %r" % (name, MAX_LIMIT, text[:40]))
+        return int(text)
 
-    def _discard_body(self):
-        self._body_read = True
-        length = self.headers.get("Content-Length", "0").strip()
-        if self.headers.get("Transfer-Encoding") or not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-        elif int(length) and len(self.rfile.read(int(length))) < int(length):
-            self.close_connection = True
-
-    def _read_message_fields(self):
-        """{"body": ..., "author": ...} from a JSON, text/plain or form body."""
-        raw = self._read_body()
-        ctype, params = _parse_content_type(self.headers.get("Content-Type", ""))
-        charset = params.get("charset", "utf-8").lower()
-        if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):
-            raise HTTPError(415, "send the body in UTF-8, not %s" % charset[:40])
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise HTTPError(400, "the body is not valid UTF-8") from None
-        looks_like_json = text.lstrip().startswith("{")
-        if ctype == "application/json" or (looks_like_json and ctype in ("", "application/x-www-form-urlencoded")):
-            fields = _parse_json_object(text)
-        elif ctype == "application/x-www-form-urlencoded":
-            fields = dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
-        elif ctype in ("text/plain", ""):
-            fields = {"body": text}
-        else:
-            raise HTTPError(415, "send the message as application/json ({\"body\": \"...\"}), "
-                            "text/plain or form data, not %s" % ctype[:60])
-        return _validate_fields(fields)
+    def _send_continue(self):
+        self._send_bytes(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- writing responses --
 
-    def _respond(self, status, body, content_type="application/json; charset=utf-8", headers=None, close=False):
-        if close:
+    def _connection_header(self):
+        if self.close_connection:
+            return "close"
+        return "keep-alive" if self.request_version == "HTTP/1.0" else None
+
+    def _fail(self, exc):
+        """Answer an HTTPError; close the connection if the request's framing or body is in doubt."""
+        if exc.close or self.req is None or not self._discard_body():
             self.close_connection = True
-        data = self.server.render(status, body, content_type, headers, self.close_connection,
+        self._send_json(exc.status, dict({"error": exc.message}, **exc.extra), exc.headers)
+
+    def _respond(self, status, body, content_type="application/json; charset=utf-8", headers=None):
+        data = self.server.render(status, body, content_type, headers, self._connection_header(),
                                   head_only=self.command == "HEAD")
         self._send_bytes(data)
         self.log_request(int(status), len(body))
 
-    def _send_json(self, status, obj, headers=None, close=False):
-        self._respond(status, json_bytes(obj), headers=headers, close=close)
+    def _send_json(self, status, obj, headers=None):
+        self._respond(status, json_bytes(obj), headers=headers)
 
     def _send_bytes(self, data):
         # A client that does not read its answer gets as long as an idle one.
-        if self.connection.gettimeout() != self.server.config.idle_timeout:
-            self.connection.settimeout(self.server.config.idle_timeout)
-        self.connection.sendall(data)
-
-    def send_error(self, code, message=None, explain=None):
-        """The stdlib's own errors (bad request line, 414, 431, 501, ...) as JSON too."""
+        timeout = self.server.config.idle_timeout
+        if self.connection.gettimeout() != timeout:
+            self.connection.settimeout(timeout)
         try:
-            status = HTTPStatus(code)
-        except ValueError:
-            status = HTTPStatus.BAD_REQUEST
-        self.log_error("code %d, message %s", status, message)
-        if message is None:
-            message = status.phrase
-        if status == HTTPStatus.NOT_IMPLEMENTED and self.command:
-            message = "method %s is not supported" % self.command[:20]
-        # The request's own framing is unknown or unread, so close after answering.
-        self._send_json(status, {"error": message}, close=True)
+            self.connection.sendall(data)
+        except socket.timeout:
+            self.close_connection = True
+            self.log_message("%s: the client did not read its answer within %g s (--idle-timeout); "
+                             "connection closed", self.requestline, timeout)
+            raise ClientNotReading() from None
 
     def log_request(self, code="-", size="-"):
+        self.server.count_status(code)
         if not self.server.config.quiet:
             super().log_request(code, size)
 
     def log_message(self, format, *args):
         if not self.server.config.quiet:
-            super().log_message(format, *args)
+            sys.stderr.write("%s - - [%s] %s\n" % (self.address_string(), self.log_date_time_string(),
+                                                    printable(format % args)))
 
     def version_string(self):
         return self.server_version
 
 
-class _SocketWriter:
-    """The handler's wfile (the stdlib writes 100 Continue to it): sendall, with a time limit."""
-
-    __slots__ = ("_handler",)
-
-    def __init__(self, handler):
-        self._handler = handler
-
-    def write(self, data):
-        self._handler._send_bytes(data)
-        return len(data)
-
-    def flush(self):
-        pass
+def parse_query(query):
+    """The query string as {name: value}; HTTPError 400 for invalid UTF-8 or a name given twice."""
+    if not query:
+        return {}
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "the query string is not valid UTF-8 form data") from None
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise HTTPError(400, "each query parameter may be given once")
+    return fields
 
 
 def _parse_content_type(header):
@@ -1553,6 +2647,29 @@ def _parse_content_type(header):
         if name.strip():
             params[name.strip().lower()] = value.strip().strip('"')
     return ctype.strip().lower(), params
+
+
+def read_message_fields(raw, content_type):
+    """{"body", "author", "client"} from a JSON, text/plain or form body; HTTPError 400/415 otherwise."""
+    ctype, params = _parse_content_type(content_type)
+    charset = params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8", "us-ascii", "ascii"):
+        raise HTTPError(415, "send the body in UTF-8, not %s" % charset[:40])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the body is not valid UTF-8") from None
+    looks_like_json = text.lstrip().startswith("{")
+    if ctype == "application/json" or (looks_like_json and ctype in ("", "application/x-www-form-urlencoded")):
+        fields = _parse_json_object(text)
+    elif ctype == "application/x-www-form-urlencoded":
+        fields = _parse_form(text)
+    elif ctype in ("text/plain", ""):
+        fields = {"body": text}
+    else:
+        raise HTTPError(415, "send the message as JSON {\"body\": \"...\"} (Content-Type: application/json), "
+                        "as form data body=... or as text/plain, not %s" % ctype[:60])
+    return _validate_fields(fields)
 
 
 def _json_depth(text):
@@ -1584,31 +2701,219 @@ def _parse_json_object(text):
     try:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise HTTPError(400, "the body is not valid JSON: %s" % exc) from None
+        raise HTTPError(400, "the body is not valid JSON (%s); send {\"body\": \"your message\"}" % exc) from None
     if not isinstance(value, dict):
         raise HTTPError(400, 'the JSON body must be an object like {"body": "hello"}')
     return value
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+def _parse_form(text):
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "the form data is not valid UTF-8 once %-decoded") from None
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise HTTPError(400, "each form field may be given once")
+    if "body" not in fields and len(pairs) == 1 and not pairs[0][1]:
+        # What `curl -d hello` sends: a form field named "hello" with no value.
+        raise HTTPError(400, "the form data %r has no 'body' field; send body=%s (curl -d 'body=...', or "
+                        "--data-urlencode 'body=...' for text with + & =) or JSON {\"body\": \"...\"}"
+                        % (text[:40], urllib.parse.quote(pairs[0][0][:40])))
+    return fields
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _validate_fields(fields):
-    body, author = fields.get("body"), fields.get("author")
+    body, author, client = fields.get("body"), fields.get("author"), fields.get("client")
     if not isinstance(body, str):
-        raise HTTPError(400, "'body' is required and must be a string" if body is None
-                        else "'body' must be a string, not %s" % type(body).__name__)
+        raise HTTPError(400, "the message needs a 'body': send body=... as form data or JSON {\"body\": \"...\"}"
+                        if body is None else "'body' must be a string, not %s" % type(body).__name__)
     if not body.strip():
         raise HTTPError(400, "'body' is empty")
+    if _SURROGATE.search(body):
+        raise HTTPError(400, "'body' contains a lone surrogate escape (\\ud800-\\udfff), which is not text")
     if _CONTROL.search(body):
-        raise HTTPError(400, "'body' contains control characters")
+        raise HTTPError(400, "'body' contains control characters (only tab and new lines are allowed)")
     if author is not None:
         if not isinstance(author, str):
             raise HTTPError(400, "'author' must be a string, not %s" % type(author).__name__)
         author = author.strip() or None
-        if author and (len(author) > MAX_AUTHOR_CHARS or _CONTROL.search(author) or "\n" in author):
-            raise HTTPError(400, "'author' must be one line of at most %d characters" % MAX_AUTHOR_CHARS)
-    return {"body": body, "author": author}
+        if author and _SURROGATE.search(author):
+            raise HTTPError(400, "'author' contains a lone surrogate escape (\\ud800-\\udfff), which is not text")
+        if author and (len(author) > MAX_AUTHOR_CHARS or _NOT_IN_NAMES.search(author)):
+            raise HTTPError(400, "'author' must be one line of at most %d characters, without control or "
+                            "text-direction override characters" % MAX_AUTHOR_CHARS)
+    if client is not None and (not isinstance(client, str) or not CLIENT_ID.match(client)):
+        raise HTTPError(400, "'client' must be %d to %d letters, digits, '-' or '_'"
+                        % (MIN_CLIENT_CHARS, MAX_CLIENT_CHARS))
+    return {"body": body, "author": author, "client": client}
+
+
+# ---------------------------------------------------------------------------
+# Event stream
+# ---------------------------------------------------------------------------
+
+def encode_events(messages):
+    """Each message as one text/event-stream event: its id, then its JSON on one data line."""
+    return b"".join(b"id: %s\ndata: %s\n\n" % (m.id.encode("ascii"), m.json) for m in messages)
+
+
+def reset_event(oldest, latest):
+    """The event that tells a stream client its cursor meant nothing here (too old, or from the
+    future): forget what you have, the messages that follow start from the oldest kept."""
+    return b"event: reset\ndata: %s\n" % json_bytes({"oldest": oldest, "latest": latest})
+
+
+class EventStream:
+    """One text/event-stream answer on a handler's connection (HTTP/1.1, delimited by its close).
+
+    First the messages after the cursor (Last-Event-ID, else ?after=, else from now on,
+    after ?tail=N if asked), written by this thread; then the stream goes live in the
+    registry and posts write each new message to it themselves, as for parked polls.
+    A client that cannot take an event at once is disconnected rather than buffered
+    for: it reconnects with Last-Event-ID and loses nothing.
+    """
+
+    def __init__(self, handler, room, query):
+        self.handler, self.server, self.room = handler, handler.server, room
+        self.query = query
+
+    def _start(self):
+        # (cursor, reset?) from Last-Event-ID or ?after=; a bad header value is a reset,
+        # since a browser would otherwise retry it for ever.
+        header = self.handler.headers.get("last-event-id")
+        if header is not None:
+            try:
+                return parse_cursor(header.strip()) or ZERO_ID, False
+            except ValueError:
+                return ZERO_ID, True
+        after = self.query.get("after")
+        if after:
+            return self.handler._cursor(after, "after") or ZERO_ID, False
+        return None, False
+
+    def run(self):
+        handler, server, store = self.handler, self.server, self.server.store
+        cursor, reset = self._start()
+        tail = self.query.get("tail")
+        if tail is not None and cursor is not None:
+            raise HTTPError(400, "use 'after' or 'tail', not both")
+        tail = handler._limit(self.query, "tail") if tail is not None else None
+        handler.close_connection = True
+        waiter = Waiter(self.room, cursor, MAX_LIMIT, "close", handler.connection, stream=True)
+        if not server.registry.park(waiter):
+            raise HTTPError(503, "too many clients are waiting (--max-waiters %d); try again shortly"
+                            % server.registry.max_waiters, headers={"Retry-After": str(RETRY_AFTER_S)})
+        server.housekeeper.watch(waiter)
+        try:
+            handler._send_bytes(self._head())
+            if reset:
+                self._send_reset(None)
+                cursor = None
+            if tail is not None:
+                cursor = self._send_page(store.newer(self.room, None, tail, newest=True)) or store.latest_id()
+            elif cursor is None:
+                cursor = store.latest_id()      # from now on
+            self._catch_up(waiter, None if cursor == ZERO_ID else cursor)
+            if waiter.live:
+                waiter.event.wait()
+        finally:
+            server.housekeeper.unwatch(waiter)
+            server.registry.claim(waiter)
+        handler.log_request(HTTPStatus.OK)
+
+    def _head(self):
+        retry = random.randint(*STREAM_RETRY_MS)
+        # No Content-Length (body None): the stream ends when the connection does.
+        head = self.server.render(HTTPStatus.OK, None, "text/event-stream; charset=utf-8",
+                                  {"X-Accel-Buffering": "no"}, connection="close")
+        return head + b"retry: %d\n\n" % retry
+
+    def _send_page(self, messages):
+        """Write `messages` (or the part of them the unsent budget allows); the last id written."""
+        if not messages:
+            return None
+        with self.server.unsent.hold(messages) as fitting:
+            self.handler._send_bytes(encode_events(fitting))
+        return fitting[-1].id
+
+    def _send_reset(self, oldest):
+        self.handler._send_bytes(reset_event(oldest or self.server.store.oldest_id(self.room),
+                                             self.server.store.latest_id()) + b"\n")
+
+    def _catch_up(self, waiter, cursor):
+        # Write what is newer than the cursor, page by page, until there is nothing
+        # more; the last look is under the fan-out lock, and going live happens in the
+        # same breath, so a post lands either in that look or in the fan-out.
+        server, store = self.server, self.server.store
+        while waiter.outcome is None:
+            try:
+                messages = store.newer(self.room, cursor, MAX_LIMIT)
+                if not messages:
+                    with server.fanout_lock:
+                        messages = store.newer(self.room, cursor, MAX_LIMIT)
+                        if not messages:
+                            waiter.after, waiter.live = cursor, True
+                            waiter.last_write = time.monotonic()
+                            return
+            except CursorGone as exc:
+                self._send_reset(exc.oldest)
+                cursor = None
+                continue
+            except CursorAhead:
+                self._send_reset(None)
+                cursor = None
+                continue
+            cursor = self._send_page(messages)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+#: /metrics: (name, type, help, key in ChatServer.stats()).
+METRICS = (
+    ("chat_posts_total", "counter", "Messages stored since start.", "posts"),
+    ("chat_wakeups_total", "counter", "Parked polls answered by a post.", "wakeups"),
+    ("chat_stream_events_total", "counter", "Events written to event streams by posts.", "stream_events"),
+    ("chat_streams_cut_total", "counter", "Event streams ended because their client read too slowly.",
+     "streams_cut"),
+    ("chat_messages_dropped_total", "counter", "Messages that left memory (older ones stay in the database).",
+     "dropped"),
+    ("chat_waiters", "gauge", "Long polls waiting now.", "waiters"),
+    ("chat_streams", "gauge", "Event streams open now.", "streams"),
+    ("chat_connections", "gauge", "Open client connections.", "connections"),
+    ("chat_threads", "gauge", "Connection threads, busy or kept for reuse.", "threads"),
+    ("chat_threads_busy", "gauge", "Connection threads serving a connection.", "threads_busy"),
+    ("chat_rooms", "gauge", "Rooms with messages.", "rooms"),
+    ("chat_messages_in_memory", "gauge", "Messages held in memory.", "messages"),
+    ("chat_memory_bytes", "gauge", "Bytes of messages held in memory (see --memory-mib).", "memory_bytes"),
+    ("chat_unsent_bytes", "gauge", "Bytes of answers being written to clients.", "unsent_bytes"),
+    ("chat_database_writable", "gauge", "1 if posts can be stored, 0 if the database cannot be written.",
+     "writable"),
+    ("chat_uptime_seconds", "gauge", "Seconds since the server started.", "uptime"),
+    ("process_resident_memory_bytes", "gauge", "Resident memory of the server process.", "rss_bytes"),
+)
+
+
+def prometheus_text(stats, statuses):
+    """The Prometheus text exposition format (version 0.0.4) of `stats` and answers by status."""
+    lines = []
+    for name, kind, text, key in METRICS:
+        value = stats.get(key)
+        if value is None:
+            continue
+        number = "%d" % value if isinstance(value, int) else repr(float(value))
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind), "%s %s" % (name, number)]
+    lines += ["# HELP chat_responses_total Answers sent, by HTTP status code.",
+              "# TYPE chat_responses_total counter"]
+    lines += ['chat_responses_total{code="%d"} %d' % (code, count) for code, count in sorted(statuses.items())]
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -1916,7 +3221,7 @@ def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
     """A ChatServer listening on (host, port); options are Config's (db defaults to ':memory:')."""
     config = Config(host=host, port=port, **options)
     database = None if config.db in (None, ":memory:") else Database(config.db)
-    store = MessageStore(config.history, config.max_rooms, database)
+    store = MessageStore(config.history, config.max_rooms, database, config.memory_bytes)
     try:
         return ChatServer((host, port), config, store)
     except BaseException:
@@ -1942,48 +3247,95 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: the flag, what it must be, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def _checked(check, kind=str):
+    """An argparse type that converts with `kind`, then checks with `check(value)`."""
+    def convert(text):
+        try:
+            return check(kind(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("\n", " ")) from None
+    return convert
+
+
+def _in_range(name):
+    low = OPTION_RANGES[name][0]
+    kind = int if isinstance(low, int) else float
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = text     # check_range says what it must be
+        return check_range(name, value)
+    return _checked(convert)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="chat_server.py", description=__doc__.splitlines()[0],
         epilog="Environment: CHAT_TOKEN sets --token without showing it in the process list.")
     add = parser.add_argument
+    add("--version", action="version", version="chat_server.py %s" % __version__)
     add("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
-    add("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one (default: %(default)s)")
+    add("--port", type=_in_range("port"), default=DEFAULT_PORT,
+        help="port, 0 to 65535; 0 picks a free one (default: %(default)s)")
     add("--db", default=DEFAULT_DB, metavar="PATH",
         help="SQLite file for the history, or :memory: to keep nothing on disk (default: %(default)s)")
     add("--quiet", action="store_true", help="do not log each request to stderr")
-    add("--max-timeout", type=float, default=MAX_TIMEOUT_S, metavar="SECONDS",
-        help="longest long-poll wait a client may ask for (default: %(default)s)")
-    add("--history", type=int, default=HISTORY_PER_ROOM, metavar="N",
+    add("--max-timeout", type=_in_range("max_timeout"), default=MAX_TIMEOUT_S, metavar="SECONDS",
+        help="longest long-poll wait a client may ask for, 1 to 3600 (default: %(default)s)")
+    add("--history", type=_in_range("history"), default=HISTORY_PER_ROOM, metavar="N",
         help="messages of each room kept in memory; with :memory: the whole history (default: %(default)s)")
-    add("--max-rooms", type=int, default=MAX_ROOMS, metavar="N", help="rooms at most (default: %(default)s)")
-    add("--retain-count", type=int, default=0, metavar="N",
+    add("--memory-mib", type=_in_range("memory_mib"), default=MEMORY_MIB, metavar="MIB",
+        help="MiB of messages kept in memory across all rooms; the oldest leave first (default: %(default)s)")
+    add("--max-rooms", type=_in_range("max_rooms"), default=MAX_ROOMS, metavar="N",
+        help="rooms with messages at most (default: %(default)s)")
+    add("--retain-count", type=_in_range("retain_count"), default=0, metavar="N",
         help="messages of each room kept in the database; 0 keeps all (default: %(default)s)")
-    add("--retain-days", type=float, default=0, metavar="DAYS",
+    add("--retain-days", type=_in_range("retain_days"), default=0, metavar="DAYS",
         help="delete messages older than this from the database; 0 keeps all (default: %(default)s)")
-    add("--max-waiters", type=int, default=MAX_WAITERS, metavar="N",
-        help="long polls waiting at once; more get 503 (default: %(default)s)")
-    add("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+    add("--max-waiters", type=_in_range("max_waiters"), default=MAX_WAITERS, metavar="N",
+        help="long polls and event streams waiting at once; more get 503 (default: %(default)s)")
+    add("--max-connections", type=_in_range("max_connections"), default=MAX_CONNECTIONS, metavar="N",
         help="open connections at once, further capped by the open-files limit (default: %(default)s)")
-    add("--request-timeout", type=float, default=REQUEST_TIMEOUT_S, metavar="SECONDS",
+    add("--request-timeout", type=_in_range("request_timeout"), default=REQUEST_TIMEOUT_S, metavar="SECONDS",
         help="time for a request to arrive once it has started (default: %(default)s)")
-    add("--idle-timeout", type=float, default=IDLE_TIMEOUT_S, metavar="SECONDS",
-        help="close keep-alive connections idle this long (default: %(default)s)")
-    add("--rate", type=float, default=0, metavar="PER_SECOND",
+    add("--idle-timeout", type=_in_range("idle_timeout"), default=IDLE_TIMEOUT_S, metavar="SECONDS",
+        help="close keep-alive connections idle this long, and clients that do not read "
+             "their answer for this long (default: %(default)s)")
+    add("--rate", type=_in_range("rate"), default=0.0, metavar="PER_SECOND",
         help="posts per second allowed per client address; 0 for no limit (default: %(default)s)")
-    add("--burst", type=int, default=0, metavar="N",
+    add("--burst", type=_in_range("burst"), default=0, metavar="N",
         help="posts a client may make at once before --rate applies (default: twice the rate)")
     add("--trust-proxy", action="store_true",
         help="take the client address from X-Forwarded-For (only behind a proxy you run)")
-    add("--token", default=os.environ.get("CHAT_TOKEN"), metavar="SECRET",
+    add("--allow-host", action="append", default=[], type=_checked(check_allowed_host), metavar="NAME",
+        dest="allow_hosts",
+        help="also answer requests for this host name (a proxy's public name, a LAN name), on any "
+             "port; repeatable; * answers any (default: loopback names only, when listening on loopback)")
+    add("--token", default=os.environ.get("CHAT_TOKEN"), type=_checked(check_token), metavar="SECRET",
         help="require 'Authorization: Bearer SECRET' on the API (default: $CHAT_TOKEN, else none)")
-    add("--cors-origin", metavar="ORIGIN", help="let pages from ORIGIN call the API (default: none)")
+    add("--cors-origin", type=_checked(check_origin_option), metavar="ORIGIN",
+        help="let pages from ORIGIN (https://host[:port]) call the API (default: none)")
+    add("--import-room", metavar="ROOM",
+        help="copy room ROOM's history from the --from file into --db, then exit (both servers stopped)")
+    add("--from", dest="from_db", metavar="PATH", help="the database file --import-room reads")
     return parser
 
 
 def main(argv=None):
-    """Run the server until Ctrl-C or SIGTERM; return the exit status."""
-    args = build_parser().parse_args(argv)
+    """Run the server until Ctrl-C or SIGTERM (or run --import-room); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.import_room is not None or args.from_db is not None:
+        return import_room(parser, args)
     if args.db != ":memory:" and sqlite3 is None:
         if args.db != DEFAULT_DB:
             print("chat_server: --db %s needs the sqlite3 module, which this Python lacks" % args.db,
@@ -1994,11 +3346,12 @@ def main(argv=None):
     open_files = raise_open_files_limit()
     max_connections = args.max_connections
     if open_files:
-        max_connections = min(max_connections, open_files - FD_RESERVE)
+        max_connections = max(1, min(max_connections, open_files - FD_RESERVE))
     threading.stack_size(THREAD_STACK_BYTES)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     options = dict(vars(args))
-    del options["host"], options["port"]
+    for name in ("host", "port", "import_room", "from_db"):
+        del options[name]
     options["max_connections"] = max_connections
     options["max_waiters"] = min(args.max_waiters, max_connections)
     try:
@@ -2015,9 +3368,8 @@ def main(argv=None):
     where = "in memory" if args.db == ":memory:" else "in " + args.db
     print("chat_server: serving on http://%s:%d/ with messages %s (Ctrl-C to quit)" % (url_host, port, where),
           flush=True)
-    if not args.token and not _is_loopback(host):
-        print("chat_server: warning: listening on %s without --token: anyone who can reach it can "
-              "read and post" % host, file=sys.stderr, flush=True)
+    for warning in _start_up_warnings(server, args):
+        print("chat_server: warning: %s" % warning, file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         server.serve_forever()
@@ -2028,8 +3380,45 @@ def main(argv=None):
     return 0
 
 
-def _is_loopback(host):
-    return host in ("localhost", "::1") or host.startswith("127.")
+def _start_up_warnings(server, args):
+    host = server.server_address[0]
+    exposed = not is_loopback_name(host if ":" not in host else "[%s]" % host)
+    if exposed and not args.token:
+        yield ("listening on %s without --token: anyone who can reach it can read and post" % host)
+    if server.policy.any_host:
+        yield ("answering requests for any Host name, so a web page can reach this server through DNS "
+               "rebinding; name the server's host names with --allow-host NAME to refuse the others")
+    if args.token and len(args.token) < 16:
+        yield "the --token is shorter than 16 characters; a long random one is safer"
+    database = server.store.database
+    if database is not None and database.unwritable:
+        yield ("%s cannot be written (%s): serving what it holds; posts get 503 until a write succeeds"
+               % (args.db, database.unwritable))
+
+
+def import_room(parser, args):
+    """--import-room ROOM --from OLD --db NEW: copy a room's history, ids and floor included."""
+    if not args.import_room or not args.from_db:
+        parser.error("--import-room ROOM and --from PATH go together")
+    if not ROOM_NAME.match(args.import_room):
+        parser.error("argument --import-room: %r is not a room name" % args.import_room)
+    if args.db == ":memory:":
+        parser.error("argument --db: --import-room writes to a database file, not :memory:")
+    try:
+        database = Database(args.db)
+    except StorageError as exc:
+        print("chat_server: cannot use database %s: %s" % (args.db, exc), file=sys.stderr)
+        return 1
+    try:
+        count, first, last = database.import_room(args.from_db, args.import_room)
+    except StorageError as exc:
+        print("chat_server: cannot import room %r: %s" % (args.import_room, exc), file=sys.stderr)
+        return 1
+    finally:
+        database.close()
+    print("chat_server: imported room %r from %s into %s: %d messages%s, with their ids"
+          % (args.import_room, args.from_db, args.db, count, " (%s to %s)" % (first, last) if count else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -108,10 +108,17 @@ class ServerTestCase(unittest.TestCase):
         path = ("/rooms/%s/messages" % room if room else "/messages") + (("?" + query) if query else "")
         return self.request("GET", path, **kwargs)
 
+    def with_host(self, data):
+        """`data` with each "Host: HOST" naming this test's server (as a client would)."""
+        return data.replace(b"Host: HOST\r\n", b"Host: %s:%d\r\n" % (self.address[0].encode(), self.address[1]))
+
+    def send_raw(self, sock, data):
+        sock.sendall(self.with_host(data))
+
     def raw_exchange(self, data, timeout=5):
         """Send raw bytes; return the first response (or all the server sent before closing)."""
         with socket.create_connection(self.address, timeout=timeout) as sock:
-            sock.sendall(data)
+            self.send_raw(sock, data)
             received = b""
             try:
                 while not self._complete(received):
@@ -190,9 +197,9 @@ class IdTest(unittest.TestCase):
         self.assertEqual(chat_server.parse_cursor(some.upper()), some)
         self.assertIsNone(chat_server.parse_cursor(chat_server.ZERO_ID))
         self.assertIsNone(chat_server.parse_cursor(""))
-        with self.assertRaises(chat_server.HTTPError) as caught:
-            chat_server.parse_cursor("not-an-id")
-        self.assertEqual(caught.exception.status, 400)
+        for bad in ("not-an-id", "{%s}" % some, "urn:uuid:" + some + "x", "a" * 5000):
+            with self.assertRaises(ValueError):
+                chat_server.parse_cursor(bad)
 
 
 class StoreTest(unittest.TestCase):
@@ -208,28 +215,25 @@ class StoreTest(unittest.TestCase):
         store = chat_server.MessageStore(history=3)
         ids = [store.add("r", "m%d" % i).id for i in range(5)]
         self.assertEqual([m.id for m in store.newer("r", ids[1], 100)], ids[2:])
-        with self.assertRaises(chat_server.HTTPError) as caught:
+        with self.assertRaises(chat_server.CursorGone) as caught:
             store.newer("r", ids[0], 100)
-        self.assertEqual(caught.exception.status, 410)
-        self.assertEqual(caught.exception.extra["oldest"], ids[2])
+        self.assertEqual(caught.exception.oldest, ids[2])
         self.assertEqual(store.stats()["dropped"], 2)
 
     def test_cursor_from_the_future_is_refused(self):
         store = chat_server.MessageStore()
         last = store.add("r", "x").id
         future = chat_server.IdClock(last).next_id()
-        with self.assertRaises(chat_server.HTTPError) as caught:
+        with self.assertRaises(chat_server.CursorAhead) as caught:
             store.newer("r", future, 100)
-        self.assertEqual(caught.exception.status, 400)
-        self.assertEqual(caught.exception.extra["latest"], last)
+        self.assertEqual(caught.exception.latest, last)
 
     def test_room_limit(self):
         store = chat_server.MessageStore(max_rooms=2)
         store.add("a", "x")
         store.add("b", "x")
-        with self.assertRaises(chat_server.HTTPError) as caught:
+        with self.assertRaises(chat_server.RoomLimitReached):
             store.add("c", "x")
-        self.assertEqual(caught.exception.status, 503)
         store.add("a", "still fine")
 
 
@@ -242,7 +246,7 @@ class PostTest(ServerTestCase):
         status, headers, data = self.request("POST", "/messages", {"body": "Hello World"})
         self.assertEqual(status, 201)
         self.assertEqual(headers["Content-Type"], "application/json; charset=utf-8")
-        self.assertEqual(set(data), {"id", "room", "created_at", "author", "body"})
+        self.assertEqual(set(data), {"id", "room", "created_at", "author", "body", "client"})
         self.assertEqual((data["body"], data["room"], data["author"]), ("Hello World", "default", None))
         self.assertEqual(uuid.UUID(data["id"]).version, 7)
         self.assertRegex(data["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -363,21 +367,21 @@ class GetTest(ServerTestCase):
 
     def test_a_request_sent_while_parked_ends_the_wait_early(self):
         with socket.create_connection(self.address, timeout=10) as sock:
-            sock.sendall(b"GET /messages?timeout=30 HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.send_raw(sock, b"GET /messages?timeout=30 HTTP/1.1\r\nHost: HOST\r\n\r\n")
             self.wait_for_waiters(1)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.send_raw(sock, b"GET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\n")
             received = b""
-            while received.count(b"HTTP/1.1 200 OK") < 2 or not received.endswith(b'{"status":"ok"}'):
+            while received.count(b"HTTP/1.1 200 OK") < 2 or not received.endswith(b'{"status":"ok"}\n'):
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 received += chunk
         first, second = received.split(b"HTTP/1.1 200 OK")[1:]
-        self.assertTrue(first.endswith(b"\r\n\r\n[]"), first)
-        self.assertTrue(second.endswith(b'{"status":"ok"}'), second)
+        self.assertTrue(first.endswith(b"\r\n\r\n[]\n"), first)
+        self.assertTrue(second.endswith(b'{"status":"ok"}\n'), second)
 
     def test_timeout_is_clamped_to_max_timeout(self):
-        server = self.start_server(max_timeout=0.2)
+        server = self.start_server(max_timeout=1)
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
         self.addCleanup(conn.close)
         started = time.monotonic()
@@ -523,7 +527,7 @@ class ErrorTest(ServerTestCase):
         self.assertEqual(self.get("timeout=0")[2], [])     # nothing was stored
 
     def test_body_too_large_is_refused_before_it_is_read(self):
-        raw = self.raw_exchange(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        raw = self.raw_exchange(b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Type: text/plain\r\n"
                                 b"Content-Length: 10000001\r\n\r\n" + b"x" * 1000)
         status, headers, data = self.parse_raw(raw)
         self.assertEqual(status, 413)
@@ -535,11 +539,11 @@ class ErrorTest(ServerTestCase):
                                       {"Content-Type": "text/plain"})[0], 201)
 
     def test_length_required_and_bad_lengths(self):
-        for headers, status in [(b"", 411), (b"Transfer-Encoding: chunked\r\n", 411),
+        for headers, status in [(b"", 411),
                                 (b"Content-Length: -5\r\n", 400), (b"Content-Length: abc\r\n", 400),
                                 (b"Content-Length: 3\r\nContent-Length: 4\r\n", 400)]:
             with self.subTest(headers=headers):
-                raw = self.raw_exchange(b"POST /messages HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\nabc")
+                raw = self.raw_exchange(b"POST /messages HTTP/1.1\r\nHost: HOST\r\n" + headers + b"\r\nabc")
                 got, _, data = self.parse_raw(raw)
                 self.assertEqual(got, status, data)
                 self.assertTrue(data["error"])
@@ -549,7 +553,7 @@ class ErrorTest(ServerTestCase):
         self.assertJSONError(self.request("GET", "/rooms/a/other"), 404)
         status, headers, data = self.request("POST", "/healthz", b"{}")
         self.assertJSONError((status, headers, data), 405)
-        self.assertEqual(headers["Allow"], "GET, OPTIONS")
+        self.assertEqual(headers["Allow"], "GET, HEAD, OPTIONS")
         data = self.assertJSONError(self.request("DELETE", "/messages"), 501)
         self.assertIn("DELETE", data["error"])
 
@@ -600,9 +604,16 @@ def stop_process(proc, timeout=10):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if proc.stderr and not proc.stderr.closed:
+        proc.stderr_text = proc.stderr.read().decode("utf-8", "replace")
     for stream in (proc.stdout, proc.stderr):
         if stream:
             stream.close()
+
+
+def proc_stderr(proc):
+    """What a process stopped with stop_process() wrote to stderr."""
+    return getattr(proc, "stderr_text", "")
 
 
 class DatabaseTest(ServerTestCase):
@@ -642,6 +653,8 @@ class DatabaseTest(ServerTestCase):
         self.assertEqual([m["id"] for m in self.get("after=%s&limit=4" % ids[1])[2]], ids[2:6])
         self.restart(history=3)
         self.assertEqual([m["id"] for m in self.get("after=" + ids[0])[2]], ids[1:])
+        self.assertEqual(self.server.stats()["messages"], 0)    # reads of an idle room go to the file
+        self.post("loads the room")
         self.assertEqual(self.server.stats()["messages"], 3)
 
     def test_tail_reads_the_database_when_memory_holds_too_few(self):
@@ -685,6 +698,7 @@ class DatabaseTest(ServerTestCase):
                 break
         self.assertEqual(status, 503, data)
         self.assertIn("not stored", data["error"])
+        self.assertIn("full", data["error"])
         self.assertIn("Retry-After", headers)
         stored = self.get("timeout=0&limit=1000")[2]
         self.assertEqual(stored[0], kept)
@@ -732,9 +746,10 @@ class DatabaseFileTest(unittest.TestCase):
         self.assertCleanFailure(self.run_cli("--db", path), "newer")
 
     @unittest.skipIf(os.name == "nt", "POSIX permissions")
-    def test_read_only_file(self):
+    def test_read_only_file_is_served_and_posts_get_503(self):
         path = os.path.join(self.tmp.name, "ro.db")
         server = chat_server.make_server("127.0.0.1", 0, db=path, quiet=True)
+        kept = server.store.add("default", "written before")
         server.server_close()
         with open(path, "rb") as f:
             before = f.read()
@@ -745,7 +760,22 @@ class DatabaseFileTest(unittest.TestCase):
             except (OSError, subprocess.CalledProcessError):
                 self.skipTest("running as root and chattr +i is not available here")
             self.addCleanup(subprocess.run, ["chattr", "-i", path], capture_output=True)
-        self.assertCleanFailure(self.run_cli("--db", path), "readonly")
+        proc, address = start_cli_server("--db", path)
+        self.addCleanup(stop_process, proc)
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/messages")
+        self.assertEqual([m["id"] for m in json.loads(conn.getresponse().read())], [kept.id])
+        conn.request("POST", "/messages", b"body=refused")
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        self.assertEqual(resp.status, 503)
+        self.assertIn("readonly", data["error"])
+        self.assertEqual(resp.getheader("Retry-After"), str(chat_server.RETRY_AFTER_S))
+        stop_process(proc)
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn("cannot be written", proc_stderr(proc))
+        self.assertNotIn("Traceback", proc_stderr(proc))
         with open(path, "rb") as f:
             self.assertEqual(f.read(), before)
 
@@ -814,7 +844,7 @@ class DatabaseFileTest(unittest.TestCase):
         self.addCleanup(stop_process, proc)
         self.assertIn("in memory", proc.stdout.readline().decode())
         stop_process(proc)
-        self.assertIn("warning", proc.stderr.read().decode() if not proc.stderr.closed else "warning")
+        self.assertIn("warning", proc_stderr(proc))
         self.assertEqual(os.listdir(self.tmp.name), [])
 
 
@@ -827,7 +857,7 @@ class VanishingClientTest(ServerTestCase):
         socks = []
         for _ in range(5):
             sock = socket.create_connection(self.address)
-            sock.sendall(b"GET /messages?timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.send_raw(sock, b"GET /messages?timeout=60 HTTP/1.1\r\nHost: HOST\r\n\r\n")
             socks.append(sock)
         self.wait_for_waiters(5)
         busy = self.server.stats()["threads_busy"]
@@ -860,7 +890,7 @@ class LimitTest(ServerTestCase):
     def test_too_many_connections_are_refused_cleanly_and_recover(self):
         idle = [socket.create_connection(self.address) for _ in range(6)]
         self.assertTrue(wait_until(lambda: self.server.stats()["connections"] == 6))
-        raw = self.raw_exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = self.raw_exchange(b"GET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\n")
         status, headers, data = self.parse_raw(raw)
         self.assertEqual((status, headers["connection"]), (503, "close"))
         self.assertIn("connections", data["error"])
@@ -896,8 +926,8 @@ class SlowClientTest(ServerTestCase):
     def test_slow_body_gets_408(self):
         sock = socket.create_connection(self.address)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
-                     b"Content-Length: 10\r\n\r\nab")
+        self.send_raw(sock, b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Type: text/plain\r\n"
+                      b"Content-Length: 10\r\n\r\nab")
         received = self.assertClosedWithin(sock, 1)
         self.assertEqual(self.parse_raw(received)[0], 408)
         self.assertEqual(self.get("timeout=0")[2], [])
@@ -908,7 +938,7 @@ class SlowClientTest(ServerTestCase):
         self.assertClosedWithin(silent, 1.3)
         used = socket.create_connection(self.address)
         self.addCleanup(used.close)
-        used.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.send_raw(used, b"GET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\n")
         self.assertEqual(self.parse_raw(self.assertClosedWithin(used, 1.3))[0], 200)
         self.assertTrue(wait_until(lambda: self.server.stats()["threads_busy"] == 0))
 
@@ -923,27 +953,26 @@ class HostileBytesTest(ServerTestCase):
         (b"\x00\x01\x02\r\n\r\n", 400),
         (b"GET\r\n\r\n", 400),
         (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
-        (b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 404),
-        (b"GET /messages?after=\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-        (b"GET /rooms/\xc3\x28/messages HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-        (b"BREW /messages HTTP/1.1\r\nHost: x\r\n\r\n", 501),
-        (b"GET /messages HTTP/2.0\r\nHost: x\r\n\r\n", 505),
-        (b"GET /messages HTTP/x.y\r\nHost: x\r\n\r\n", 400),
+        (b"GET /\x00 HTTP/1.1\r\nHost: HOST\r\n\r\n", 400),
+        (b"GET /messages?after=\xff\xfe HTTP/1.1\r\nHost: HOST\r\n\r\n", 400),
+        (b"GET /rooms/\xc3\x28/messages HTTP/1.1\r\nHost: HOST\r\n\r\n", 400),
+        (b"BREW /messages HTTP/1.1\r\nHost: HOST\r\n\r\n", 501),
+        (b"GET /messages HTTP/2.0\r\nHost: HOST\r\n\r\n", 505),
+        (b"GET /messages HTTP/x.y\r\nHost: HOST\r\n\r\n", 400),
         (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 150 + b"\r\n", 431),
-        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
-        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0x10\r\n\r\n", 400),
-        (b"POST /messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411),
-        (b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 400),
+        (b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 99999999999999999999\r\n\r\n", 413),
+        (b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 0x10\r\n\r\n", 400),
+        (b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", 400),
         (b"POST /messages HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"body\": 1e9}", 400),
         (b"POST /messages HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n{\"body\": null}", 400),
         (b"POST /messages HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"body\": {\"a\":1}", 400),
         (b"POST /messages HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc", 400),
         (b"POST /messages HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\na\x00b", 400),
         (b"POST /messages HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nab", 400),
-        (b"POST /stats HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"POST /stats HTTP/1.1\r\nHost: HOST\r\nContent-Length: 0\r\n\r\n", 405),
         (b"GET /messages?limit=99999999999999999999999 HTTP/1.1\r\n\r\n", 400),
         (b"GET /messages?timeout=1e999 HTTP/1.1\r\n\r\n", 400),
     ]
@@ -955,7 +984,7 @@ class HostileBytesTest(ServerTestCase):
                 if raw.endswith(b"\r\n\r\nab"):
                     data = raw      # shorter body than declared, then the client hangs up
                 with socket.create_connection(self.address, timeout=5) as sock:
-                    sock.sendall(data)
+                    self.send_raw(sock, data)
                     if raw.endswith(b"\r\n\r\nab"):
                         sock.shutdown(socket.SHUT_WR)
                     received = b""
@@ -982,7 +1011,7 @@ class RateLimitTest(ServerTestCase):
         status, headers, data = self.request("POST", "/messages", {"body": "three"})
         self.assertEqual(status, 429)
         self.assertEqual(headers["Retry-After"], "2")
-        self.assertIn("slow down", data["error"])
+        self.assertIn("wait 2 s", data["error"])
         self.assertEqual(len(self.get("timeout=0")[2]), 2)
 
     def test_forwarded_for_is_used_only_when_trusted(self):
@@ -1095,7 +1124,7 @@ class CommandLineTest(unittest.TestCase):
         socks = []
         for _ in range(300):
             sock = socket.create_connection(address, timeout=10)
-            sock.sendall(b"GET /messages?timeout=60 HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /messages?timeout=50 HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (address[0].encode(), address[1]))
             socks.append(sock)
         conn = http.client.HTTPConnection(*address, timeout=10)
         self.assertTrue(wait_until(lambda: (conn.request("GET", "/stats"),
@@ -1109,7 +1138,7 @@ class CommandLineTest(unittest.TestCase):
             received = read_until_closed(sock)
             sock.close()
             self.assertTrue(received.startswith(b"HTTP/1.1 200 OK\r\n"), received[:80])
-            self.assertTrue(received.endswith(b"\r\n\r\n[]"), received[-80:])
+            self.assertTrue(received.endswith(b"\r\n\r\n[]\n"), received[-80:])
 
     def test_port_in_use_is_one_line_and_exit_1(self):
         with socket.socket() as taken:
@@ -1152,10 +1181,14 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(json.loads(form.stdout)["author"], "ann")
 
     def test_exposed_host_without_token_warns(self):
-        self.assertTrue(chat_server._is_loopback("127.0.0.1"))
-        self.assertTrue(chat_server._is_loopback("::1"))
-        self.assertFalse(chat_server._is_loopback("0.0.0.0"))
-        self.assertFalse(chat_server._is_loopback("192.0.2.1"))
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--host", "0.0.0.0", "--port", "0", "--db",
+                                 ":memory:"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, proc)
+        self.assertIn("serving on", proc.stdout.readline().decode())
+        stop_process(proc)
+        warnings = proc_stderr(proc)
+        self.assertIn("without --token", warnings)
+        self.assertIn("any Host", warnings)
 
 
 class BenchmarkTest(unittest.TestCase):

@@ -231,7 +231,8 @@ class Server:
         self.out_path, self.err_path = base + ".out", base + ".err"
         cmd = [sys.executable, ctx.server_path, "--host", HOST, "--port", "0", "--quiet",
                "--db", self.db, "--max-waiters", str(ctx.max_waiters),
-               "--max-connections", str(ctx.max_connections), "--max-timeout", "300"]
+               "--max-connections", str(ctx.max_connections), "--max-timeout", "300",
+               "--allow-host", HOST]    # the load generator's requests say "Host: 127.0.0.1", without the port
         if ctx.server_cpu is not None:
             cmd = ["taskset", "-c", str(ctx.server_cpu)] + cmd   # exec: same PID, threads inherit
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
