@@ -158,13 +158,18 @@ THREAD_IDLE_S = 60.0
 HOUSEKEEPING_INTERVAL_S = 0.5
 #: How often history is pruned (when --retain-count or --retain-days is set) and the WAL checkpointed.
 UPKEEP_INTERVAL_S = 30.0
-#: Rows deleted per transaction when pruning, so posts are never held up for long.
+#: Rows deleted per transaction when pruning, and the pause between two, so posts are
+#: never held up for long.
 PRUNE_BATCH_ROWS = 500
+PRUNE_PAUSE_S = 0.005
 
 # -- the process --
 
 #: Listen backlog: bursts of thousands of connections must not be dropped (the stdlib's is 5).
 LISTEN_BACKLOG = 4096
+#: Answers larger than this are written after their head instead of being copied into one
+#: buffer with it (TCP_NODELAY is on, so the second write is not held back).
+SEPARATE_BODY_BYTES = 65536
 #: Bytes asked of each recv(); what is left over after a request stays for the next one.
 RECV_BYTES = 16384
 #: Thread stack size; only touched pages cost memory, this bounds address space per thread.
@@ -943,7 +948,9 @@ class Database:
                 while self._write("DELETE FROM messages WHERE room = ? AND id IN (SELECT id FROM messages "
                                   "WHERE room = ? AND id <= ? ORDER BY id LIMIT ?)",
                                   (name, name, cut, PRUNE_BATCH_ROWS)) == PRUNE_BATCH_ROWS:
-                    pass
+                    # A lock is not fair: taken again at once, it would keep a waiting
+                    # poster out until the whole prune is over.
+                    time.sleep(PRUNE_PAUSE_S)
                 empty = not self._query("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (name,))
                 results[name] = (cut, empty)
         return results
@@ -2590,9 +2597,11 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._send_json(exc.status, dict({"error": exc.message}, **exc.extra), exc.headers)
 
     def _respond(self, status, body, content_type="application/json; charset=utf-8", headers=None):
-        data = self.server.render(status, body, content_type, headers, self._connection_header(),
-                                  head_only=self.command == "HEAD")
+        head_only = self.command == "HEAD" or len(body) > SEPARATE_BODY_BYTES
+        data = self.server.render(status, body, content_type, headers, self._connection_header(), head_only)
         self._send_bytes(data)
+        if len(body) > SEPARATE_BODY_BYTES and self.command != "HEAD":
+            self._send_bytes(body)      # a large answer is not copied to prepend its head
         self.log_request(int(status), len(body))
 
     def _send_json(self, status, obj, headers=None):

@@ -1002,6 +1002,532 @@ class HostileBytesTest(ServerTestCase):
         self.assertEqual(self.server.stats()["posts"], 1)
 
 
+# ---------------------------------------------------------------------------
+# Hardening II: each case of the "Found" list, then the classes of problem
+# ---------------------------------------------------------------------------
+
+class ResponseReader:
+    """Reads HTTP/1.1 responses (Content-Length framed) off one socket, keeping what follows each."""
+
+    def __init__(self, sock):
+        self.sock, self.buffer = sock, b""
+
+    def _more(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a whole response: %r" % self.buffer[:200])
+        self.buffer += chunk
+
+    def read(self):
+        """(status, headers dict with lower-case names, body bytes)."""
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        status = int(lines[0].split()[1])
+        length = 0 if status < 200 else int(headers.get("content-length", 0))
+        self.buffer = rest
+        while len(self.buffer) < length:
+            self._more()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return status, headers, body
+
+
+def read_response(sock):
+    """(status, headers, body) of the one response expected on `sock`."""
+    return ResponseReader(sock).read()
+
+
+def unread_connection(address):
+    """A connection whose small receive window (set before connecting) makes the server's writes block."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(address)
+    return sock
+
+
+def closed_by_peer(sock, timeout=3):
+    """True if the other side closes `sock` (after any bytes still on their way) within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class FoundInputTest(ServerTestCase):
+    """500s from client input, and the small protocol details of the Found list."""
+
+    def test_lone_surrogates_are_a_400_that_says_so(self):
+        for body, ctype in ((b'{"body": "\\ud800"}', "application/json"), (b'{"body": "\\udfff x"}', ""),
+                            (b'{"body": "x", "author": "\\ud83d"}', "application/json")):
+            with self.subTest(body=body, ctype=ctype):
+                status, _, data = self.request("POST", "/rooms/new-%d/messages" % len(body), body,
+                                               {"Content-Type": ctype} if ctype else {})
+                self.assertEqual(status, 400, data)
+                self.assertIn("surrogate", data["error"])
+        self.assertEqual(self.server.stats()["rooms"], 0)     # a refused post opens no room
+
+    def test_odd_content_lengths_are_4xx_on_every_method(self):
+        for value in ("\u00b2".encode("utf-8"), b"9" * 5000, b"\xd9\xa3", b"1_0", b"+3"):
+            for method in (b"POST", b"GET", b"OPTIONS"):
+                with self.subTest(value=value[:10], method=method):
+                    with socket.create_connection(self.address, timeout=5) as sock:
+                        self.send_raw(sock, method + b" /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: "
+                                      + value + b"\r\n\r\nabc")
+                        status, headers, body = read_response(sock)
+                        self.assertIn(status, (400, 413), body)
+                        self.assertEqual(headers["connection"], "close")
+                        self.assertTrue(json.loads(body)["error"])
+
+    def test_head_works_on_every_get_route_and_never_waits(self):
+        last = self.post("x")["id"]
+        for path in ("/", "/messages", "/messages?after=" + last + "&timeout=30", "/rooms/a/messages",
+                     "/healthz", "/stats", "/metrics"):
+            with self.subTest(path=path):
+                conn = self.connect()
+                started = time.monotonic()
+                conn.request("HEAD", path)
+                resp = conn.getresponse()
+                self.assertEqual(resp.status, 200)
+                self.assertEqual(resp.read(), b"")
+                self.assertLess(time.monotonic() - started, 5)
+                conn.request("GET", path.replace("timeout=30", "timeout=0"))
+                get = conn.getresponse()
+                body = get.read()
+                self.assertEqual(resp.getheader("Content-Type"), get.getheader("Content-Type"))
+                if "stats" not in path and "metrics" not in path:       # those change between the two
+                    self.assertEqual(int(resp.getheader("Content-Length")), len(body))
+        self.assertEqual(self.request("POST", "/healthz", b"{}")[1]["Allow"], "GET, HEAD, OPTIONS")
+        self.assertEqual(self.server.registry.count, 0)
+
+    def test_expect_100_continue_is_not_sent_for_a_body_that_will_be_refused(self):
+        with socket.create_connection(self.address, timeout=5) as sock:
+            self.send_raw(sock, b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Type: text/plain\r\n"
+                          b"Content-Length: 20000\r\nExpect: 100-continue\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            self.assertEqual(status, 413)
+            self.assertEqual(headers["connection"], "close")
+        with socket.create_connection(self.address, timeout=5) as sock:
+            self.send_raw(sock, b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Type: text/plain\r\n"
+                          b"Content-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            self.assertEqual(read_response(sock)[0], 100)
+            sock.sendall(b"hello")
+            status, _, body = read_response(sock)
+            self.assertEqual((status, json.loads(body)["body"]), (201, "hello"))
+        with socket.create_connection(self.address, timeout=5) as sock:    # refused before the body
+            self.send_raw(sock, b"POST /stats HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\n"
+                          b"Expect: 100-continue\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            self.assertEqual((status, headers["connection"]), (405, "close"))
+
+    def test_options_204_has_no_content_length(self):
+        raw = self.raw_exchange(b"OPTIONS /messages HTTP/1.1\r\nHost: HOST\r\n\r\n", timeout=2)
+        head = raw.partition(b"\r\n\r\n")[0].lower()
+        self.assertTrue(head.startswith(b"http/1.1 204"), head)
+        self.assertNotIn(b"content-length", head)
+        self.assertIn(b"allow: get, head, options, post", head)
+
+    def test_room_limit_503_has_retry_after(self):
+        server = self.start_server(max_rooms=1)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        for room, expected in (("a", 201), ("b", 503)):
+            conn.request("POST", "/rooms/%s/messages" % room, b"body=x")
+            resp = conn.getresponse()
+            data = json.loads(resp.read())
+            self.assertEqual(resp.status, expected, data)
+        self.assertEqual(resp.getheader("Retry-After"), str(chat_server.RETRY_AFTER_S))
+        self.assertIn("--max-rooms", data["error"])
+
+    def test_authors_are_one_line_of_text(self):
+        for author in ("ann\rbob", "ann\nbob", "ann\u2028bob", "\u202eevil", "a\u2066b", "tab\there",
+                       "x" * (chat_server.MAX_AUTHOR_CHARS + 1), "a\x85b"):
+            with self.subTest(author=author):
+                status, _, data = self.request("POST", "/messages", {"body": "x", "author": author})
+                self.assertEqual(status, 400, data)
+                self.assertIn("author", data["error"])
+        self.assertEqual(self.post("ok", author="\u05e9\u05dc\u05d5\u05dd ann")["author"], "\u05e9\u05dc\u05d5\u05dd ann")
+
+    def test_form_bodies_must_be_utf8_once_decoded(self):
+        status, _, data = self.request("POST", "/messages", b"body=%FF%FE", {"Content-Type":
+                                                                            "application/x-www-form-urlencoded"})
+        self.assertEqual(status, 400)
+        self.assertIn("UTF-8", data["error"])
+        self.assertEqual(self.get("timeout=0")[2], [])
+
+    def test_a_request_pipelined_behind_a_poll_ends_the_wait_at_once(self):
+        last = self.post("x")["id"]
+        with socket.create_connection(self.address, timeout=10) as sock:
+            started = time.monotonic()
+            self.send_raw(sock, b"GET /messages?timeout=30&after=" + last.encode() + b" HTTP/1.1\r\nHost: HOST\r\n\r\n"
+                          b"GET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\n")
+            responses = ResponseReader(sock)
+            first, second = responses.read(), responses.read()
+        self.assertEqual((first[0], first[2]), (200, b"[]\n"))
+        self.assertEqual((second[0], json.loads(second[2])), (200, {"status": "ok"}))
+        self.assertLess(time.monotonic() - started, 10)
+
+    def test_after_411_the_connection_closes(self):
+        with socket.create_connection(self.address, timeout=5) as sock:
+            self.send_raw(sock, b"POST /messages HTTP/1.1\r\nHost: HOST\r\n\r\n"
+                          b"GET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            self.assertEqual((status, headers["connection"]), (411, "close"))
+            self.assertTrue(closed_by_peer(sock))
+
+    def test_http_10_keep_alive_is_said_and_kept(self):
+        with socket.create_connection(self.address, timeout=5) as sock:
+            for _ in range(2):
+                sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                status, headers, _ = read_response(sock)
+                self.assertEqual((status, headers["connection"]), (200, "keep-alive"))
+            sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            self.assertEqual(headers["connection"], "close")
+            self.assertTrue(closed_by_peer(sock))
+
+    def test_chunked_bodies_are_decoded_within_the_limit(self):
+        conn = self.connect()
+        conn.request("POST", "/messages", body=iter([b'{"body": ', b'"in pieces"}']),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, json.loads(resp.read())["body"]), (201, "in pieces"))
+        with socket.create_connection(self.address, timeout=5) as sock:
+            self.send_raw(sock, b"POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Type: text/plain\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n" + b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            sock.sendall(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+            sock.sendall(b"1000\r\n")       # the third chunk would pass MAX_BODY_BYTES: refused now
+            status, headers, _ = read_response(sock)
+            self.assertEqual((status, headers["connection"]), (413, "close"))
+        self.assertEqual([m["body"] for m in self.get("timeout=0")[2]], ["in pieces"])
+
+
+class FoundMemoryTest(unittest.TestCase):
+    """Memory a handful of clients could drive without bound: now a budget in bytes."""
+
+    def test_messages_in_memory_stay_within_the_budget(self):
+        store = chat_server.MessageStore(history=1000, max_rooms=100, memory_bytes=2 * 1024 * 1024)
+        escaping = '"' * 9000       # JSON-escapes to twice its size
+        for i in range(600):
+            store.add("r%d" % (i % 100), escaping)
+        stats = store.stats()
+        self.assertLessEqual(stats["memory_bytes"], 2 * 1024 * 1024)
+        self.assertGreater(stats["dropped"], 0)
+        self.assertEqual(stats["posts"], 600)
+        # the oldest left first, whatever their room; cursors before them get CursorGone
+        self.assertEqual(store.newer("r0", None, 10), [])
+        with self.assertRaises(chat_server.CursorGone):
+            store.newer("r0", chat_server.first_id_at(time.time() - 60), 10)
+        self.assertEqual(len(store.newer("r99", None, 1000)), 1)
+
+    def test_rooms_emptied_from_memory_stop_counting_against_max_rooms(self):
+        store = chat_server.MessageStore(max_rooms=2, memory_bytes=64 * 1024)
+        store.add("a", "x" * 9000)
+        store.add("b", "x" * 9000)
+        with self.assertRaises(chat_server.RoomLimitReached):
+            store.add("c", "x")
+        for _ in range(10):     # room b's posts push room a's message out of memory
+            store.add("b", "x" * 9000)
+        self.assertEqual(store.stats()["rooms"], 1)
+        store.add("c", "now there is room")
+
+    def test_one_answer_stays_within_max_answer_bytes(self):
+        store = chat_server.MessageStore(history=1000)
+        for _ in range(200):
+            store.add("big", '"' * 9000)
+        answer = store.newer("big", None, 1000)
+        size = len(chat_server.encode_list(answer))
+        self.assertLessEqual(size, chat_server.MAX_ANSWER_BYTES)
+        self.assertGreater(size, chat_server.MAX_ANSWER_BYTES - 30000)
+        self.assertLess(len(answer), 200)
+        rest = store.newer("big", answer[-1].id, 1000)      # the client follows the cursor for the rest
+        self.assertEqual(rest[0].id > answer[-1].id, True)
+        tail = store.newer("big", None, 1000, newest=True)
+        self.assertEqual(tail[-1].id, store.latest_id())
+        self.assertLessEqual(len(chat_server.encode_list(tail)), chat_server.MAX_ANSWER_BYTES)
+
+    def test_rate_limit_keys_are_addresses_and_bounded(self):
+        self.assertEqual(chat_server.rate_key("203.0.113.9"), "203.0.113.9")
+        self.assertEqual(chat_server.rate_key(" 203.0.113.9:5555 "), "203.0.113.9")
+        self.assertEqual(chat_server.rate_key("2001:db8::1"), chat_server.rate_key("[2001:db8::ffff]:80"))
+        self.assertEqual(chat_server.rate_key("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertIsNone(chat_server.rate_key("x" * 60000))
+        limiter = chat_server.RateLimiter(rate=1.0, burst=1)
+        for i in range(chat_server.MAX_RATE_KEYS + 500):
+            limiter.allow(i)
+        self.assertEqual(len(limiter), chat_server.MAX_RATE_KEYS)
+
+    def test_forged_forwarded_for_entries_are_not_keys(self):
+        server = chat_server.make_server("127.0.0.1", 0, quiet=True, rate=100, trust_proxy=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(ServerTestCase.stop_server, server, thread)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        for i in range(50):
+            conn.request("POST", "/messages", b"body=x", {"X-Forwarded-For": "%d%s" % (i, "y" * 2000)})
+            resp = conn.getresponse()
+            resp.read()
+            self.assertEqual(resp.status, 201)
+        self.assertEqual(len(server.rate_limiter), 1)       # all of them were the proxy's own address
+
+    @unittest.skipUnless(os.path.exists("/proc/self/statm"), "needs /proc to read a process's RSS")
+    def test_clients_that_never_read_large_answers_do_not_grow_memory_past_the_budget(self):
+        proc, address = start_cli_server("--db", ":memory:", "--memory-mib", "16")
+        self.addCleanup(stop_process, proc)
+        conn = http.client.HTTPConnection(*address, timeout=20)
+        self.addCleanup(conn.close)
+        escaping = b'"' * 9000
+        for _ in range(500):        # ~14 MiB in memory, within the 16 MiB budget
+            conn.request("POST", "/rooms/big/messages", escaping, {"Content-Type": "text/plain"})
+            conn.getresponse().read()
+        conn.request("GET", "/stats")
+        before = json.loads(conn.getresponse().read())["rss_bytes"]
+        clients = 100
+        socks = []
+        request = b"GET /rooms/big/messages?limit=1000 HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (address[0].encode(),
+                                                                                           address[1])
+        for _ in range(clients):    # each asks for the whole room (1 MiB answers), 8 times, and never reads
+            sock = unread_connection(address)
+            sock.sendall(request * 8)
+            socks.append(sock)
+        self.addCleanup(lambda: [s.close() for s in socks])
+        time.sleep(1.5)
+        conn.request("GET", "/stats")
+        stats = json.loads(conn.getresponse().read())
+        # What the README states: the unsent budget, one message past it per connection, a thread
+        # and its buffers per connection (64 KiB in all), and some 20 MiB the allocator keeps
+        # from answers already written (measured: +69, +82, +84 MiB at 50, 100, 200 clients).
+        per_connection, allocator_slack = 64 * 1024, 32 * 1024 * 1024
+        self.assertLessEqual(stats["unsent_bytes"], chat_server.MAX_UNSENT_BYTES + clients * 25000)
+        self.assertLess(stats["rss_bytes"] - before,
+                        chat_server.MAX_UNSENT_BYTES + allocator_slack + clients * per_connection,
+                        "RSS grew by %d MiB" % ((stats["rss_bytes"] - before) >> 20))
+
+
+class FoundFlagsTest(unittest.TestCase):
+    """Flags that destroyed data or looped: every numeric flag is checked at start-up."""
+
+    def run_cli(self, *args):
+        return subprocess.run([sys.executable, SERVER_SCRIPT, "--db", ":memory:"] + list(args),
+                              capture_output=True, text=True, timeout=20)
+
+    def test_out_of_range_flags_are_one_line_and_exit_2(self):
+        cases = [("--retain-days", "-1"), ("--retain-days", "nan"), ("--max-timeout", "0"), ("--max-timeout", "-5"),
+                 ("--history", "0"), ("--rate", "-1"), ("--max-waiters", "0"), ("--port", "99999"),
+                 ("--port", "http"), ("--memory-mib", "0"), ("--max-rooms", "0"), ("--retain-count", "-3"),
+                 ("--request-timeout", "inf"), ("--idle-timeout", "0"), ("--burst", "-1"),
+                 ("--max-connections", "0"), ("--allow-host", "http://x/"), ("--cors-origin", "example.org"),
+                 ("--token", "has space")]
+        for flag, value in cases:
+            with self.subTest(flag=flag, value=value):
+                result = self.run_cli(flag, value)
+                self.assertEqual(result.returncode, 2, result)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                self.assertIn(flag, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+                self.assertEqual(result.stdout, "")
+        self.assertIn("from 0 to 65535", self.run_cli("--port", "99999").stderr)
+
+    def test_config_checks_the_same_ranges(self):
+        for name, value in (("retain_days", -1), ("max_timeout", 0), ("history", 0), ("port", 70000),
+                            ("rate", float("nan")), ("max_waiters", 1.5), ("memory_mib", True)):
+            with self.subTest(name=name):
+                with self.assertRaises(ValueError):
+                    chat_server.Config(**{name: value})
+
+    def test_max_timeout_defaults_below_proxy_timeouts(self):
+        self.assertEqual(chat_server.Config().max_timeout, 50)
+        self.assertLess(chat_server.MAX_TIMEOUT_S, 60)
+
+    def test_version(self):
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--version"], capture_output=True, text=True,
+                                timeout=20)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "chat_server.py " + chat_server.__version__))
+
+
+class FoundStorageTest(ServerTestCase):
+    """Pruning never stalls a post; the WAL is checkpointed; a full disk degrades."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.path = os.path.join(self.tmp.name, "chat.db")
+        self.server = self.start_server(db=self.path)
+
+    def test_posts_are_answered_while_a_long_prune_runs(self):
+        database = self.server.store.database
+        rows = [(chat_server.first_id_at(1e9 + i), "old", "2001-09-09T01:46:40.000Z", None, "x" * 200, None)
+                for i in range(60000)]
+        with database._lock:
+            database._conn.execute("BEGIN")
+            database._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+            database._conn.execute("INSERT INTO rooms (name) VALUES ('old')")
+            database._conn.execute("COMMIT")
+        pruned = threading.Event()
+        answered_during_prune = []
+
+        def prune():
+            self.server.store.prune(retain_count=1, retain_days=0)
+            pruned.set()
+
+        thread = threading.Thread(target=prune)
+        thread.start()
+        self.addCleanup(thread.join, 60)
+        conn = self.connect()
+        while not pruned.is_set() and len(answered_during_prune) < 20:
+            conn.request("POST", "/messages", b"body=during")
+            resp = conn.getresponse()
+            resp.read()
+            self.assertEqual(resp.status, 201)
+            if not pruned.is_set():
+                answered_during_prune.append(resp.status)
+        thread.join(60)
+        self.assertTrue(answered_during_prune, "the prune ended before the first post was answered")
+        self.assertEqual(database.oldest_id("old"), rows[-1][0])
+
+    def test_the_wal_is_checkpointed(self):
+        for i in range(300):
+            self.post("m%d" % i)
+        self.assertGreater(os.path.getsize(self.path + "-wal"), 0)
+        self.server.store.checkpoint()
+        self.assertEqual(os.path.getsize(self.path + "-wal"), 0)
+        self.assertEqual(len(self.get("limit=1000&timeout=0")[2]), 300)
+
+    def test_a_version_1_file_is_migrated(self):
+        path = os.path.join(self.tmp.name, "v1.db")
+        conn = sqlite3.connect(path)
+        conn.executescript("""
+            CREATE TABLE messages (id TEXT PRIMARY KEY, room TEXT NOT NULL, created_at TEXT NOT NULL,
+                                   author TEXT, body TEXT NOT NULL) WITHOUT ROWID;
+            CREATE INDEX messages_by_room ON messages (room, id);
+            CREATE TABLE rooms (name TEXT PRIMARY KEY, floor TEXT) WITHOUT ROWID;
+            INSERT INTO messages VALUES ('01a22864-6e9e-739d-8258-3eb967002535', 'default',
+                                         '2026-11-29T17:40:00.286Z', 'ann', 'from 1.0');
+            INSERT INTO rooms (name) VALUES ('default');
+            PRAGMA user_version=1;""")
+        conn.close()
+        server = self.start_server(db=path)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/messages")
+        self.assertEqual(json.loads(conn.getresponse().read())[0]["client"], None)
+        conn.request("POST", "/messages", json.dumps({"body": "from 1.1", "client": "abcdefgh"}).encode(),
+                     {"Content-Type": "application/json"})
+        self.assertEqual(json.loads(conn.getresponse().read())["client"], chat_server.client_tag("abcdefgh"))
+        self.assertEqual(server.store.database.version, 2)
+
+
+def _mount_small_filesystem(test, size_kib):
+    """A fresh tmpfs of `size_kib` KiB (Linux, root); the test is skipped where one cannot be made."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or not shutil.which("mount"):
+        test.skipTest("a small real file system needs Linux and root (mount -t tmpfs)")
+    directory = tempfile.mkdtemp()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%dk" % size_kib, "tmpfs", directory],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        os.rmdir(directory)
+        test.skipTest("cannot mount a tmpfs here: %s" % result.stderr.strip())
+    test.addCleanup(os.rmdir, directory)
+    test.addCleanup(subprocess.run, ["umount", directory], capture_output=True)
+    return directory
+
+
+class FullDiskTest(unittest.TestCase):
+    """A real full disk (a 2 MiB tmpfs): posts get 503, reads go on, a restart still serves."""
+
+    def post(self, address, body):
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        try:
+            conn.request("POST", "/messages", json.dumps({"body": body}).encode(), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def messages(self, address):
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        try:
+            conn.request("GET", "/messages?limit=1000")
+            return [m["body"] for m in json.loads(conn.getresponse().read())]
+        finally:
+            conn.close()
+
+    def test_a_full_disk_degrades_and_recovers(self):
+        directory = _mount_small_filesystem(self, 2048)
+        path = os.path.join(directory, "chat.db")
+        filler = os.path.join(directory, "filler")
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (1024 * 1024))      # leaves about 1 MiB for the database
+        proc, address = start_cli_server("--db", path)
+        self.addCleanup(stop_process, proc)
+        stored = []
+        for i in range(400):
+            status, data = self.post(address, "%d %s" % (i, "x" * 4000))
+            if status != 201:
+                break
+            stored.append(data["body"])
+        self.assertEqual(status, 503, data)
+        self.assertIn("full", data["error"])
+        self.assertEqual(self.messages(address), stored)
+        stop_process(proc)      # stopped on the full disk: the next start must still serve
+        self.assertEqual(proc.returncode, 0, proc_stderr(proc)[-2000:])
+        proc, address = start_cli_server("--db", path)
+        self.addCleanup(stop_process, proc)
+        self.assertEqual(self.messages(address)[:len(stored)], stored)
+        for i in range(400):    # whatever space the restart found is used up again
+            status, data = self.post(address, "%d %s" % (i, "y" * 4000))
+            if status != 201:
+                break
+            stored.append(data["body"])
+        self.assertEqual(status, 503, data)
+        os.remove(filler)       # space again: posts work without a restart
+        status, data = self.post(address, "space again")
+        self.assertEqual(status, 201, data)
+        self.assertEqual(self.messages(address), stored + ["space again"])
+
+
+class FoundOutputTest(unittest.TestCase):
+    """Operator-safe output: nothing a client sends reaches the logs raw, and slow readers are named."""
+
+    def test_printable_escapes_control_and_direction_characters(self):
+        self.assertEqual(chat_server.printable("a\x1b[2Jb\r\n\u202ec\x85"), "a\\x1b[2Jb\\x0d\\x0a\\u202ec\\x85")
+        self.assertEqual(chat_server.printable("line\nnext", keep_newlines=True), "line\nnext")
+
+    def test_a_client_that_does_not_read_is_cut_at_idle_timeout_and_logged_as_such(self):
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0", "--db", ":memory:",
+                                 "--idle-timeout", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, proc)
+        address = ("127.0.0.1", int(URL_LINE.search(proc.stdout.readline().decode()).group(2)))
+        conn = http.client.HTTPConnection(*address, timeout=20)
+        self.addCleanup(conn.close)
+        for _ in range(120):
+            conn.request("POST", "/rooms/big/messages", b'"' * 9000, {"Content-Type": "text/plain"})
+            conn.getresponse().read()
+        with unread_connection(address) as sock:
+            sock.sendall(b"GET /rooms/big/messages?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % address[1] * 16)
+            started = time.monotonic()
+            self.assertTrue(wait_until(lambda: json.loads((conn.request("GET", "/stats"),
+                                                           conn.getresponse().read())[1])["connections"] == 1,
+                                       timeout=15))
+            self.assertLess(time.monotonic() - started, 10)
+        with socket.create_connection(address) as sock:     # a request line with an escape sequence
+            sock.sendall(b"GET /\x1b[2J\x1b]0;pwned\x07 HTTP/1.1\r\n\r\n")
+            sock.recv(65536)
+        stop_process(proc)
+        log = proc_stderr(proc)
+        self.assertEqual(log.count("did not read its answer within 1 s"), 1, log[-3000:])
+        self.assertNotIn('" 408 ', log)
+        self.assertNotIn("\x1b", log)
+        self.assertNotIn("\x07", log)
+
+
 class RateLimitTest(ServerTestCase):
     server_options = {"rate": 0.5, "burst": 2}
 
