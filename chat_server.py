@@ -3375,11 +3375,11 @@ def main(argv=None):
     host, port = server.server_address[:2]
     url_host = "[%s]" % host if ":" in host else host
     where = "in memory" if args.db == ":memory:" else "in " + args.db
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     print("chat_server: serving on http://%s:%d/ with messages %s (Ctrl-C to quit)" % (url_host, port, where),
           flush=True)
     for warning in _start_up_warnings(server, args):
         print("chat_server: warning: %s" % warning, file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
