@@ -3378,7 +3378,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     print("chat_server: serving on http://%s:%d/ with messages %s (Ctrl-C to quit)" % (url_host, port, where),
           flush=True)
-    for warning in _start_up_warnings(server, args):
+    for warning in _start_up_warnings(host, server.policy, args.token, server.store.database, args.db):
         print("chat_server: warning: %s" % warning, file=sys.stderr, flush=True)
     try:
         server.serve_forever()
@@ -3389,20 +3389,19 @@ def main(argv=None):
     return 0
 
 
-def _start_up_warnings(server, args):
-    host = server.server_address[0]
-    exposed = not is_loopback_name(host if ":" not in host else "[%s]" % host)
-    if exposed and not args.token:
-        yield ("listening on %s without --token: anyone who can reach it can read and post" % host)
-    if server.policy.any_host:
+def _start_up_warnings(host, policy, token, database, db_name):
+    """What the operator should know about the configuration, one sentence each."""
+    if not is_loopback_name(host if ":" not in host else "[%s]" % host):
+        if not token:
+            yield "listening on %s without --token: anyone who can reach it can read and post" % host
+    if policy.any_host:
         yield ("answering requests for any Host name, so a web page can reach this server through DNS "
                "rebinding; name the server's host names with --allow-host NAME to refuse the others")
-    if args.token and len(args.token) < 16:
+    if token and len(token) < 16:
         yield "the --token is shorter than 16 characters; a long random one is safer"
-    database = server.store.database
     if database is not None and database.unwritable:
         yield ("%s cannot be written (%s): serving what it holds; posts get 503 until a write succeeds"
-               % (args.db, database.unwritable))
+               % (db_name, database.unwritable))
 
 
 def import_room(parser, args):
