@@ -1520,6 +1520,7 @@ class FoundOutputTest(unittest.TestCase):
 
         with unread_connection(address) as sock:    # never read from: the server's writes block
             sock.sendall(b"GET /rooms/big/messages?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % address[1] * 16)
+            self.assertTrue(wait_until(lambda: connections() == 2, timeout=5, interval=0.05))
             self.assertTrue(wait_until(lambda: connections() == 1, timeout=15, interval=0.2))
         self.assertLess(time.monotonic() - started, 10)
         with socket.create_connection(address) as sock:     # a request line with an escape sequence
