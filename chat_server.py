@@ -2823,7 +2823,7 @@ class EventStream:
             handler._send_bytes(self._head())
             if reset:
                 self._send_reset(None)
-                cursor = None
+                cursor = ZERO_ID        # from the oldest kept, as the reset event says
             if tail is not None:
                 cursor = self._send_page(store.newer(self.room, None, tail, newest=True)) or store.latest_id()
             elif cursor is None:

@@ -5,6 +5,7 @@ Run with:  python -m unittest -v test_chat_server
 
 import base64
 import http.client
+import io
 import json
 import os
 import re
@@ -1681,6 +1682,222 @@ class OriginCheckTest(ServerTestCase):
         self.assertEqual(self.post_from(good, server=server)[0], 201)
         self.assertEqual(self.post_from({"Origin": "http://127.0.0.1:%d" % server.server_address[1]},
                                         server=server)[0], 401)
+
+
+# ---------------------------------------------------------------------------
+# Server-Sent Events on the same cursor
+# ---------------------------------------------------------------------------
+
+class EventStreamClient:
+    """A text/event-stream client on a raw socket, as curl -N or a script would read it."""
+
+    def __init__(self, address, path, headers=b"", timeout=10, receive_buffer=None):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        if receive_buffer:      # before connecting, so the window it announces is small too
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect(address)
+        self.sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n"
+                          % (address[0].encode(), address[1]) + headers + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, self.buffer = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+
+    def block(self, timeout=5):
+        """The next block of lines up to a blank line, as [(field, value)]; None when the stream ends."""
+        self.sock.settimeout(timeout)
+        while b"\n\n" not in self.buffer:
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+        text, _, self.buffer = self.buffer.partition(b"\n\n")
+        lines = []
+        for line in text.decode("utf-8").split("\n"):
+            name, _, value = line.partition(":")
+            lines.append((name, value[1:] if value.startswith(" ") else value))
+        return lines
+
+    def event(self, timeout=5):
+        """The next dispatched event as {"id", "event", "data"}, skipping comments and retry; None at the end."""
+        while True:
+            lines = self.block(timeout)
+            if lines is None:
+                return None
+            fields = dict(lines)
+            if "data" in fields:
+                return {"id": fields.get("id"), "event": fields.get("event", "message"), "data": json.loads(fields["data"])}
+
+    def close(self):
+        self.sock.close()
+
+
+class EventStreamTest(ServerTestCase):
+    def open(self, path="/messages", headers=b"", server=None):
+        client = EventStreamClient((server or self.server).server_address[:2], path, headers)
+        self.addCleanup(client.close)
+        return client
+
+    def wait_for_streams(self, count, server=None):
+        server = server or self.server
+        self.assertTrue(wait_until(lambda: server.registry.streams == count and all(
+            s.live for s in server.registry.all_streams())), "expected %d live streams" % count)
+
+    def test_stream_headers_retry_and_live_events(self):
+        stream = self.open("/rooms/r/messages")
+        self.assertEqual(stream.status, 200)
+        self.assertEqual(stream.headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(stream.headers["cache-control"], "no-store")
+        self.assertEqual(stream.headers["x-accel-buffering"], "no")
+        self.assertEqual(stream.headers["connection"], "close")
+        self.assertNotIn("content-length", stream.headers)
+        retry = dict(stream.block())["retry"]
+        low, high = chat_server.STREAM_RETRY_MS
+        self.assertTrue(low <= int(retry) <= high, retry)
+        self.wait_for_streams(1)
+        sent = [self.post("live %d" % i, room="r") for i in range(3)]
+        self.post("elsewhere", room="other")
+        got = [stream.event() for _ in sent]
+        self.assertEqual([(e["id"], e["data"]) for e in got], [(m["id"], m) for m in sent])
+        self.assertEqual(self.server.stats()["streams"], 1)
+
+    def test_the_stream_starts_after_the_cursor(self):
+        ids = [self.post("m%d" % i)["id"] for i in range(5)]
+        after = self.open("/messages?after=" + ids[1])
+        self.assertEqual([after.event()["id"] for _ in range(3)], ids[2:])
+        header_wins = self.open("/messages?after=" + ids[0], b"Last-Event-ID: %s\r\n" % ids[3].encode())
+        self.assertEqual(header_wins.event()["id"], ids[4])
+        tail = self.open("/messages?tail=2")
+        self.assertEqual([tail.event()["id"] for _ in range(2)], ids[3:])
+        from_now = self.open("/messages")
+        self.wait_for_streams(4)
+        new = self.post("new")
+        for stream in (after, header_wins, tail, from_now):
+            self.assertEqual(stream.event()["id"], new["id"])
+
+    def test_a_cursor_too_old_or_from_the_future_is_a_reset_event_not_an_error(self):
+        server = self.start_server(history=3)
+        address = server.server_address[:2]
+        conn = http.client.HTTPConnection(*address, timeout=5)
+        self.addCleanup(conn.close)
+        ids = []
+        for i in range(6):
+            conn.request("POST", "/messages", b"body=m%d" % i)
+            ids.append(json.loads(conn.getresponse().read())["id"])
+        future = chat_server.IdClock(ids[-1]).next_id()
+        for cursor in (ids[0], future, "not-a-uuid"):
+            with self.subTest(cursor=cursor):
+                stream = self.open("/messages", b"Last-Event-ID: %s\r\n" % cursor.encode(), server=server)
+                self.assertEqual(stream.status, 200)
+                reset = stream.event()
+                self.assertEqual(reset["event"], "reset")
+                self.assertEqual(reset["data"], {"oldest": ids[3], "latest": ids[-1]})
+                self.assertEqual([stream.event()["id"] for _ in range(3)], ids[3:])   # from the oldest kept
+
+    def test_heartbeats_keep_a_quiet_stream_alive(self):
+        with mock.patch.object(chat_server, "HEARTBEAT_S", 0.3):
+            stream = self.open()
+            stream.block()      # retry
+            self.wait_for_streams(1)
+            self.assertEqual(stream.block(timeout=5), [("", "")])      # a comment line: ":"
+
+    def test_a_slow_reader_is_cut_and_loses_nothing_when_it_resumes(self):
+        first = self.post("first")
+        stream = EventStreamClient(self.address, "/messages?after=" + first["id"], receive_buffer=4096)
+        self.addCleanup(stream.close)
+        self.wait_for_streams(1)
+        sent = []
+        conn = self.connect()
+        for i in range(2000):        # far more than the socket buffers hold, never read meanwhile
+            conn.request("POST", "/messages", json.dumps({"body": "%d %s" % (i, "x" * 9000)}).encode(),
+                         {"Content-Type": "application/json"})
+            sent.append(json.loads(conn.getresponse().read())["id"])
+            if self.server.stats()["streams_cut"]:
+                break
+        self.assertEqual(self.server.stats()["streams_cut"], 1)
+        self.assertTrue(wait_until(lambda: self.server.registry.streams == 0))
+        received = []
+        while True:
+            event = stream.event(timeout=2)
+            if event is None:
+                break
+            received.append(event["id"])
+        self.assertEqual(received, sent[:len(received)])    # whole events only, in order
+        resumed = self.open("/messages", b"Last-Event-ID: %s\r\n" % (received[-1] if received else first["id"]).encode())
+        rest = [resumed.event()["id"] for _ in range(len(sent) - len(received))]
+        self.assertEqual(received + rest, sent)      # nothing lost, nothing twice
+
+    def test_hang_ups_and_shutdown_end_streams(self):
+        stream = self.open()
+        self.wait_for_streams(1)
+        stream.close()
+        self.assertTrue(wait_until(lambda: self.server.registry.streams == 0, timeout=3))
+        server = self.start_server()
+        streams = [self.open(server=server) for _ in range(5)]
+        self.wait_for_streams(5, server=server)
+        thread = next(t for t in threading.enumerate() if getattr(t, "_target", None) == server.serve_forever)
+        self.stop_server(server, thread)
+        for stream in streams:
+            stream.block()      # retry
+            self.assertIsNone(stream.block(timeout=5))      # the stream ended
+
+    def test_streams_count_against_max_waiters(self):
+        server = self.start_server(max_waiters=2)
+        self.open(server=server)
+        self.open(server=server)
+        self.wait_for_streams(2, server=server)
+        third = self.open(server=server)
+        self.assertEqual(third.status, 503)
+        address = server.server_address[:2]
+        conn = http.client.HTTPConnection(*address, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/messages?timeout=5&after=" + chat_server.ZERO_ID)
+        self.assertEqual(conn.getresponse().status, 503)
+
+    def test_many_streams_get_one_post(self):
+        streams = [self.open("/rooms/many/messages") for _ in range(50)]
+        self.wait_for_streams(50)
+        sent = self.post("to all fifty", room="many")
+        for stream in streams:
+            self.assertEqual(stream.event()["data"], sent)
+        self.assertEqual(self.server.stats()["stream_events"], 50)
+
+    def test_the_token_may_come_as_a_query_parameter_for_streams_only(self):
+        token = "stream-token-0123456789"
+        server = self.start_server(token=token, quiet=False)
+        self.assertEqual(self.open(server=server).status, 401)
+        self.assertEqual(self.open("/messages?token=wrong", server=server).status, 401)
+        with mock.patch("sys.stderr", new_callable=io.StringIO) as log:
+            by_query = self.open("/messages?token=" + token, server=server)
+            by_header = self.open("/messages", b"Authorization: Bearer %s\r\n" % token.encode(), server=server)
+            self.assertEqual((by_query.status, by_header.status), (200, 200))
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+            self.addCleanup(conn.close)
+            conn.request("GET", "/messages?timeout=0&token=" + token)
+            self.assertEqual(conn.getresponse().status, 401)    # a poll can send the header
+            self.wait_for_streams(2, server=server)
+            by_query.close()
+            by_header.close()
+            self.assertTrue(wait_until(lambda: log.getvalue().count(" 200 ") == 2))     # logged as they end
+        self.assertNotIn(token, log.getvalue())
+        self.assertIn("token=[hidden]", log.getvalue())
+
+    def test_the_host_and_origin_rules_apply(self):
+        address = self.address
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.sendall(b"GET /messages HTTP/1.1\r\nHost: evil.example:%d\r\nAccept: text/event-stream\r\n\r\n"
+                         % address[1])
+            self.assertEqual(read_response(sock)[0], 421)
 
 
 class RateLimitTest(ServerTestCase):
