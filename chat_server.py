@@ -1007,7 +1007,7 @@ class Database:
 
 
 def read_room_from(path, room):
-    """(rows, floor) of one room in the database file at `path`, opened read-only.
+    """(rows, floor) of one room in the database file at `path` (read, never written).
 
     StorageError if the file is missing, not a database, or held by a running server.
     """
@@ -1015,12 +1015,13 @@ def read_room_from(path, room):
         raise StorageError("this Python was built without the sqlite3 module")
     if not os.path.isfile(path):
         raise StorageError("%s does not exist" % path)
-    uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path))
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+        conn = sqlite3.connect(path, timeout=0, isolation_level=None)
     except sqlite3.Error as exc:
         raise StorageError("%s: %s" % (path, exc)) from None
     try:
+        # Only read; exclusive so that a server holding the file is noticed, and so that a
+        # server starting meanwhile waits for us instead of changing the room under us.
         conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if not 1 <= version <= Database.SCHEMA_VERSION:
@@ -2930,7 +2931,14 @@ def prometheus_text(stats, statuses):
 # ---------------------------------------------------------------------------
 
 def build_page(html):
-    """The page as bytes and a Content-Security-Policy that allows exactly its inline code."""
+    """The page as bytes and a Content-Security-Policy that allows exactly its inline code.
+
+    The page learns the server's limits from {{MAX_BODY_BYTES}} and {{MAX_AUTHOR_CHARS}},
+    filled in here (outside its script, whose hash stays the same).
+    """
+    html = html.replace("{{MAX_BODY_BYTES}}", str(MAX_BODY_BYTES)).replace(
+        "{{MAX_AUTHOR_CHARS}}", str(MAX_AUTHOR_CHARS))
+
     def hashes(tag):
         found = re.findall(r"<%s>(.*?)</%s>" % (tag, tag), html, re.S)
         return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()

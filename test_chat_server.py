@@ -9,10 +9,12 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -1019,15 +1021,15 @@ class ResponseReader:
             raise ConnectionError("closed before a whole response: %r" % self.buffer[:200])
         self.buffer += chunk
 
-    def read(self):
-        """(status, headers dict with lower-case names, body bytes)."""
+    def read(self, to_head=False):
+        """(status, headers dict with lower-case names, body bytes); `to_head` for the answer to a HEAD."""
         while b"\r\n\r\n" not in self.buffer:
             self._more()
         head, _, rest = self.buffer.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         status = int(lines[0].split()[1])
-        length = 0 if status < 200 else int(headers.get("content-length", 0))
+        length = 0 if status < 200 or to_head else int(headers.get("content-length", 0))
         self.buffer = rest
         while len(self.buffer) < length:
             self._more()
@@ -1898,6 +1900,396 @@ class EventStreamTest(ServerTestCase):
             sock.sendall(b"GET /messages HTTP/1.1\r\nHost: evil.example:%d\r\nAccept: text/event-stream\r\n\r\n"
                          % address[1])
             self.assertEqual(read_response(sock)[0], 421)
+
+
+# ---------------------------------------------------------------------------
+# Deployment: the README's nginx configurations, run verbatim by a real nginx
+# ---------------------------------------------------------------------------
+
+def readme_blocks(language):
+    """The README's fenced code blocks of `language`, keyed by the first line (a comment naming the file)."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"```%s\n(.*?)```" % re.escape(language), text, re.S)
+    return {block.splitlines()[0]: block for block in blocks}
+
+
+def readme_command(prefix):
+    """The README's one-line shell commands that start with `prefix` (in plain ``` blocks)."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
+
+
+def make_certificate(directory, name="chat.example.org"):
+    """A throwaway self-signed certificate for `name`: (certificate path, key path)."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=" + name, "-addext", "subjectAltName=DNS:" + name],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class PrivateNginx:
+    """nginx started by a test (`nginx -p DIR -c CONF`, daemon off, loopback ports), stopped by its PID."""
+
+    def __init__(self, directory, site):
+        self.directory = directory
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(directory, "tmp", sub), exist_ok=True)
+        with open(os.path.join(directory, "site.conf"), "w") as f:
+            f.write(site)
+        conf = os.path.join(directory, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write("""daemon off;
+worker_processes 1;
+%(user)s
+pid %(d)s/nginx.pid;
+error_log %(d)s/error.log info;
+events { worker_connections 4096; }
+http {
+    client_body_temp_path %(d)s/tmp/client_body;
+    proxy_temp_path %(d)s/tmp/proxy;
+    fastcgi_temp_path %(d)s/tmp/fastcgi;
+    uwsgi_temp_path %(d)s/tmp/uwsgi;
+    scgi_temp_path %(d)s/tmp/scgi;
+    access_log %(d)s/access.log;
+    include %(d)s/site.conf;
+}
+""" % {"d": directory, "user": "user root;" if os.geteuid() == 0 else ""})
+        check = subprocess.run([NGINX, "-t", "-p", directory, "-c", conf], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            raise AssertionError("nginx refused the configuration:\n%s\n%s" % (check.stderr, site))
+        self.proc = subprocess.Popen([NGINX, "-p", directory, "-c", conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+
+    def reload(self, site):
+        with open(os.path.join(self.directory, "site.conf"), "w") as f:
+            f.write(site)
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+@unittest.skipUnless(NGINX, "nginx is not installed (apt-get install nginx); .ci/run installs it")
+@unittest.skipUnless(shutil.which("openssl"), "openssl is needed to make a throwaway certificate")
+@unittest.skipIf(os.name == "nt", "POSIX signals")
+class NginxDeploymentTest(unittest.TestCase):
+    """The README's configurations, with only ports, file paths and the certificate changed."""
+
+    NAME = "chat.example.org"
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.cert, self.key = make_certificate(self.tmp, self.NAME)
+        self.tls = ssl.create_default_context(cafile=self.cert)
+
+    def site(self, first_line, ports):
+        """The README's nginx block with `first_line`, its ports replaced per `ports` and the certificate ours."""
+        block = readme_blocks("nginx")[first_line]
+        block = block.replace("/etc/ssl/chat/fullchain.pem", self.cert).replace("/etc/ssl/chat/privkey.pem", self.key)
+        block = block.replace("listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % ports.pop("443"))
+        block = block.replace("listen 80;", "listen 127.0.0.1:%d;" % ports.pop("80"))
+        for old, new in ports.items():
+            block = block.replace(old, str(new))
+        return block
+
+    def start_shard(self, command, port, db):
+        """A chat server started with the README's command line, on `port` and database `db`."""
+        args = shlex.split(command)[2:]     # after "python3 chat_server.py"
+        args[args.index("--port") + 1] = str(port)
+        args[args.index("--db") + 1] = db
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--quiet"] + args,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, proc)
+        line = proc.stdout.readline().decode()
+        self.assertIn("serving on", line, proc.stderr.read().decode() if not line else line)
+        return proc
+
+    def https(self, port, method, path, body=None, headers=None, source=None, timeout=20):
+        """(status, headers, body) of one HTTPS request to the proxy for chat.example.org, from `source`."""
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                       source_address=(source, 0) if source else None)
+        with self.tls.wrap_socket(raw, server_hostname=self.NAME) as sock:
+            head = "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n" % (method, path, self.NAME)
+            for name, value in (headers or {}).items():
+                head += "%s: %s\r\n" % (name, value)
+            if body is not None:
+                head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+            sock.sendall(head.encode() + b"\r\n" + (body or b""))
+            status, got, data = ResponseReader(sock).read(to_head=method == "HEAD")
+        return status, got, data
+
+    def post(self, port, room, text, **kwargs):
+        status, headers, data = self.https(port, "POST", "/rooms/%s/messages" % room,
+                                           json.dumps({"body": text}).encode(), **kwargs)
+        return status, (json.loads(data) if headers.get("content-type", "").startswith("application/json") else data)
+
+    def test_one_server_behind_tls(self):
+        command = readme_command("python3 chat_server.py --host 127.0.0.1 --port 8080")[0]
+        chat_port, tls_port, plain_port = _free_port(), _free_port(), _free_port()
+        self.start_shard(command + " --rate 0.5 --burst 1", chat_port, os.path.join(self.tmp, "chat.db"))
+        site = self.site("# /etc/nginx/conf.d/chat.conf: one chat server behind TLS",
+                         {"443": tls_port, "80": plain_port, "127.0.0.1:8080": "127.0.0.1:%d" % chat_port})
+        self.assertRegex(site, r"proxy_read_timeout (\d+)s")
+        read_timeout = int(re.search(r"proxy_read_timeout (\d+)s", site).group(1))
+        self.assertGreaterEqual(read_timeout, chat_server.MAX_TIMEOUT_S + 10)   # the margin the README promises
+        nginx = PrivateNginx(os.path.join(self.tmp, "nginx"), site)
+        self.addCleanup(nginx.stop)
+        self.assertTrue(wait_until(lambda: self._answers(tls_port), timeout=10))
+
+        # the page and a post from it, over TLS; the page's own origin passes the Origin check
+        status, headers, page = self.https(tls_port, "GET", "/")
+        self.assertEqual(status, 200)
+        self.assertIn(b"<!doctype html>", page.lower())
+        origin = {"Origin": "https://" + self.NAME}
+        status, first = self.post(tls_port, "lobby", "over tls", headers=origin, source="127.0.0.2")
+        self.assertEqual(status, 201, first)
+
+        # a long poll woken through the proxy, well before its timeout
+        result = {}
+
+        def poll():
+            started = time.monotonic()
+            result["answer"] = self.https(tls_port, "GET", "/rooms/lobby/messages?timeout=30&after=" + first["id"])
+            result["elapsed"] = time.monotonic() - started
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        def waiters():
+            return json.loads(self.https(tls_port, "GET", "/stats")[2])["waiters"]
+
+        self.assertTrue(wait_until(lambda: waiters() == 1, timeout=10))
+        status, second = self.post(tls_port, "lobby", "wake up", source="127.0.0.3")
+        thread.join(20)
+        self.assertEqual(result["answer"][0], 200)
+        self.assertEqual([m["id"] for m in json.loads(result["answer"][2])], [second["id"]])
+        self.assertLess(result["elapsed"], 20)
+
+        # the rate limit sees each client's own address, whatever X-Forwarded-For it sends
+        self.assertEqual(self.post(tls_port, "lobby", "again", source="127.0.0.2")[0], 429)
+        self.assertEqual(self.post(tls_port, "lobby", "forged", source="127.0.0.2",
+                                   headers={"X-Forwarded-For": "198.51.100.9"})[0], 429)
+        self.assertEqual(self.post(tls_port, "lobby", "someone else", source="127.0.0.4")[0], 201)
+
+        # an event stream goes through unbuffered
+        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        with self.tls.wrap_socket(raw, server_hostname=self.NAME) as sock:
+            sock.sendall(b"GET /rooms/lobby/messages?after=%s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n"
+                         % (first["id"].encode(), self.NAME.encode()))
+            received = b""
+            while second["id"].encode() not in received:
+                received += sock.recv(65536)
+            self.assertIn(b"text/event-stream", received)
+
+        # plain HTTP is sent to HTTPS
+        with socket.create_connection(("127.0.0.1", plain_port), timeout=10) as sock:
+            sock.sendall(b"GET /rooms/lobby/messages HTTP/1.1\r\nHost: %s\r\n\r\n" % self.NAME.encode())
+            status, headers, _ = read_response(sock)
+        self.assertEqual((status, headers["location"]), (301, "https://%s/rooms/lobby/messages" % self.NAME))
+
+    def test_a_poll_at_max_timeout_is_answered_by_the_server_not_by_a_504(self):
+        command = readme_command("python3 chat_server.py --host 127.0.0.1 --port 8080")[0]
+        chat_port, tls_port, plain_port = _free_port(), _free_port(), _free_port()
+        # The README's nginx settings, and a server whose longest wait is shortened so the
+        # test is quick; the margin above it is checked against the defaults in the test above.
+        self.start_shard(command + " --max-timeout 2", chat_port, os.path.join(self.tmp, "chat.db"))
+        site = self.site("# /etc/nginx/conf.d/chat.conf: one chat server behind TLS",
+                         {"443": tls_port, "80": plain_port, "127.0.0.1:8080": "127.0.0.1:%d" % chat_port})
+        nginx = PrivateNginx(os.path.join(self.tmp, "nginx"), site)
+        self.addCleanup(nginx.stop)
+        self.assertTrue(wait_until(lambda: self._answers(tls_port), timeout=10))
+        status, _, body = self.https(tls_port, "GET", "/messages?timeout=500&after=" + chat_server.ZERO_ID)
+        self.assertEqual((status, body), (200, b"[]\n"))
+
+    def _answers(self, port):
+        try:
+            return self.https(port, "GET", "/healthz", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def test_rooms_sharded_over_two_servers(self):
+        commands = readme_command("python3 chat_server.py --port 808")
+        self.assertEqual(len(commands), 2)
+        ports = [_free_port(), _free_port()]
+        dbs = [os.path.join(self.tmp, "shard-%d.db" % i) for i in (1, 2)]
+        shards = [self.start_shard(command, port, db) for command, port, db in zip(commands, ports, dbs)]
+        tls_port = _free_port()
+        site = self.site("# /etc/nginx/conf.d/chat-shards.conf: rooms sharded over two chat servers",
+                         {"443": tls_port, "80": _free_port(), "8081": ports[0], "8082": ports[1]})
+        nginx = PrivateNginx(os.path.join(self.tmp, "nginx"), site)
+        self.addCleanup(nginx.stop)
+        self.assertTrue(wait_until(lambda: self._answers(tls_port), timeout=10))
+
+        def shard_posts():
+            return [json.loads(self.https(tls_port, "GET", "/shards/%d/stats" % port)[2])["posts"] for port in ports]
+
+        rooms = ["room-%d" % i for i in range(12)]
+        home = {}
+        for room in rooms:          # each room's posts and reads all reach one shard
+            before = shard_posts()
+            for i in range(3):
+                status, _ = self.post(tls_port, room, "%s %d" % (room, i))
+                self.assertEqual(status, 201)
+            after = shard_posts()
+            grew = [b - a for a, b in zip(before, after)]
+            self.assertIn(grew, ([3, 0], [0, 3]), room)
+            home[room] = ports[grew.index(3)]
+            status, headers, body = self.https(tls_port, "GET", "/rooms/%s/messages?timeout=0" % room)
+            self.assertEqual(len(json.loads(body)), 3)
+            self.assertEqual(headers["x-chat-shard"], "127.0.0.1:%d" % home[room])
+        self.assertEqual(set(home.values()), set(ports), "12 rooms all hashed to one shard")
+        default_homes = {self.https(tls_port, "GET", "/messages?timeout=0")[1]["x-chat-shard"] for _ in range(6)}
+        self.assertEqual(len(default_homes), 1)     # the default room is one shard's, not round robin
+
+        # stop one shard: its waiters are answered, its rooms get 502, the other shard's rooms go on
+        down, up = ports
+        down_room = next(r for r in rooms if home[r] == down)
+        up_room = next(r for r in rooms if home[r] == up)
+        status, _, body = self.https(tls_port, "GET", "/rooms/%s/messages?tail=1" % down_room)
+        last = json.loads(body)[-1]["id"]
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(
+            answer=self.https(tls_port, "GET", "/rooms/%s/messages?timeout=30&after=%s" % (down_room, last))))
+        thread.start()
+        self.assertTrue(wait_until(lambda: json.loads(self.https(tls_port, "GET", "/shards/%d/stats" % down)[2])
+                                   ["waiters"] == 1, timeout=10))
+        shards[ports.index(down)].send_signal(signal.SIGTERM)
+        thread.join(20)
+        self.assertEqual(result["answer"][:3:2], (200, b"[]\n"))
+        self.assertEqual(shards[ports.index(down)].wait(10), 0)
+        self.assertEqual(self.post(tls_port, down_room, "nowhere to go")[0], 502)
+        self.assertEqual(self.post(tls_port, up_room, "still here")[0], 201)
+        status, headers, _ = self.https(tls_port, "HEAD", "/rooms/%s/messages" % down_room)
+        self.assertEqual((status, headers["x-chat-shard"]), (502, "127.0.0.1:%d" % down))
+
+    def test_systemd_unit_starts_the_server_it_names(self):
+        unit = readme_blocks("ini")["# /etc/systemd/system/chat.service"]
+        self.assertIn("StateDirectory=chat", unit)
+        self.assertIn("DynamicUser=yes", unit)
+        self.assertRegex(unit, r"\nRestart=on-failure\n")
+        exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1)
+        args = shlex.split(exec_start)[2:]
+        self.assertIn("/var/lib/chat/", args[args.index("--db") + 1])      # inside the StateDirectory
+        args[args.index("--port") + 1] = "0"
+        args[args.index("--db") + 1] = os.path.join(self.tmp, "chat.db")
+        proc, address = start_cli_server(*args)
+        self.addCleanup(stop_process, proc)
+        conn = http.client.HTTPConnection(*address, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/healthz", headers={"Host": self.NAME})        # the unit's --allow-host
+        self.assertEqual(conn.getresponse().status, 200)
+        stop_process(proc)
+        self.assertEqual(proc.returncode, 0)
+
+
+class ImportRoomTest(unittest.TestCase):
+    """Moving a room between shards: its history, ids, floor, and a client's cursor survive."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(self.tmp.cleanup)
+        self.old, self.new = os.path.join(self.tmp.name, "old.db"), os.path.join(self.tmp.name, "new.db")
+
+    def run_cli(self, *args):
+        return subprocess.run([sys.executable, SERVER_SCRIPT] + list(args), capture_output=True, text=True,
+                              timeout=30)
+
+    def test_a_moved_room_keeps_its_history_ids_and_cursors(self):
+        old = chat_server.make_server("127.0.0.1", 0, db=self.old, quiet=True)
+        ids = [old.store.add("lobby", "m%d" % i, "ann").id for i in range(5)]
+        old.store.add("other", "stays")
+        old.store.prune(retain_count=4, retain_days=0)      # a floor: ids[0] and older are gone
+        old.server_close()
+        new = chat_server.make_server("127.0.0.1", 0, db=self.new, quiet=True)
+        newer_elsewhere = new.store.add("elsewhere", "already here").id
+        new.server_close()
+        result = self.run_cli("--db", self.new, "--import-room", "lobby", "--from", self.old)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("4 messages", result.stdout)
+        self.assertIn(ids[1], result.stdout)
+        proc, address = start_cli_server("--db", self.new)
+        self.addCleanup(stop_process, proc)
+        conn = http.client.HTTPConnection(*address, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/rooms/lobby/messages?after=" + ids[2])        # a client's cursor from the old shard
+        self.assertEqual([m["id"] for m in json.loads(conn.getresponse().read())], ids[3:])
+        conn.request("GET", "/rooms/lobby/messages?after=" + chat_server.first_id_at(time.time() - 3600))
+        resp = conn.getresponse()      # a cursor from before the pruned part: the floor moved too
+        self.assertEqual((resp.status, json.loads(resp.read())["oldest"]), (410, ids[1]))
+        conn.request("POST", "/rooms/lobby/messages", b"body=after the move")
+        moved_on = json.loads(conn.getresponse().read())["id"]
+        self.assertGreater(moved_on, max(ids[-1], newer_elsewhere))
+        conn.request("GET", "/rooms/other/messages?timeout=0")
+        self.assertEqual(json.loads(conn.getresponse().read()), [])     # only the one room moved
+
+    def test_import_refuses_what_would_lose_or_mix_history(self):
+        old = chat_server.make_server("127.0.0.1", 0, db=self.old, quiet=True)
+        old.store.add("lobby", "x")
+        old.server_close()
+        self.assertEqual(self.run_cli("--db", self.new, "--import-room", "lobby", "--from", self.old).returncode, 0)
+        again = self.run_cli("--db", self.new, "--import-room", "lobby", "--from", self.old)
+        self.assertEqual(again.returncode, 1)
+        self.assertIn("already has room", again.stderr)
+        missing = self.run_cli("--db", self.new, "--import-room", "nope", "--from", self.old)
+        self.assertEqual(missing.returncode, 1)
+        self.assertIn("no room", missing.stderr)
+        proc, _ = start_cli_server("--db", self.old)        # a running server holds the source
+        self.addCleanup(stop_process, proc)
+        busy = self.run_cli("--db", os.path.join(self.tmp.name, "third.db"), "--import-room", "lobby", "--from", self.old)
+        self.assertEqual(busy.returncode, 1)
+        self.assertIn("in use", busy.stderr)
+        for args in (["--import-room", "lobby"], ["--from", self.old], ["--db", ":memory:", "--import-room", "lobby",
+                                                                        "--from", self.old],
+                     ["--db", self.new, "--import-room", ".bad", "--from", self.old]):
+            with self.subTest(args=args):
+                result = self.run_cli(*args)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(len(result.stderr.strip().splitlines()), 1)
+
+
+class MetricsTest(ServerTestCase):
+    def test_metrics_in_the_prometheus_text_format(self):
+        self.post("one")
+        self.get("timeout=0")
+        status, headers, body = self.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        samples, types = {}, {}
+        for line in body.decode().splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                types[name] = kind
+            elif line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        self.assertEqual(samples["chat_posts_total"], 1)
+        self.assertEqual(types["chat_posts_total"], "counter")
+        self.assertEqual(types["chat_waiters"], "gauge")
+        for name in ("chat_wakeups_total", "chat_stream_events_total", "chat_connections", "chat_threads",
+                     "chat_streams", "chat_rooms", "chat_memory_bytes", "chat_database_writable"):
+            self.assertIn(name, samples)
+        self.assertGreaterEqual(samples['chat_responses_total{code="201"}'], 1)
+        self.assertGreaterEqual(samples['chat_responses_total{code="200"}'], 1)
+        for name in types:
+            self.assertRegex(name, r"^[a-z_]+$")
+            self.assertEqual(types[name] == "counter", name.endswith("_total"))
+
+    def test_metrics_need_the_token_when_there_is_one(self):
+        server = self.start_server(token="metrics-secret-0123456789")
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        resp.read()
+        self.assertEqual(resp.status, 401)
+        conn.request("GET", "/metrics", headers={"Authorization": "Bearer metrics-secret-0123456789"})
+        self.assertEqual(conn.getresponse().status, 200)
 
 
 class RateLimitTest(ServerTestCase):

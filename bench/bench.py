@@ -500,8 +500,8 @@ class Loop:
         self.sel = selectors.DefaultSelector()
         self.dropped = 0        # connections the server closed with a request outstanding
 
-    def connect(self, port, on_resp, tag=None, timeout=5.0):
-        """A new connected Conn (blocking connect with a timeout, then non-blocking)."""
+    def connect(self, port, on_resp, tag=None, timeout=5.0, cls=None):
+        """A new connected Conn, or `cls` (StreamConn), (blocking connect with a timeout, then non-blocking)."""
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             s.settimeout(timeout)
@@ -512,7 +512,7 @@ class Loop:
         except OSError:
             s.close()
             raise
-        return Conn(s, self, on_resp, tag)
+        return (cls or Conn)(s, self, on_resp, tag)
 
     def forget(self, conn):
         try:
@@ -571,8 +571,8 @@ def outstanding(conns):
     return sum(1 for c in conns if c.pending > 0 and not c.dead)
 
 
-def wait_parked(ctl, loop, target, timeout):
-    """Serve `loop` and poll /stats until waiters >= target(); returns (ok, last stats)."""
+def wait_parked(ctl, loop, target, timeout, key="waiters"):
+    """Serve `loop` and poll /stats until `key` (waiters, or streams) >= target(); returns (ok, last stats)."""
     deadline = now() + timeout
     pause = 0.002
     st = {}
@@ -583,9 +583,9 @@ def wait_parked(ctl, loop, target, timeout):
             if now() >= deadline:
                 raise
             ctl.stalls = getattr(ctl, "stalls", 0) + 1
-            log("/stats unanswered (%s); still waiting for %d parked" % (type(e).__name__, target()))
+            log("/stats unanswered (%s); still waiting for %d %s" % (type(e).__name__, target(), key))
             st = {}
-        if st.get("waiters", 0) >= target():
+        if st.get(key, 0) >= target():
             return True, st
         left = deadline - now()
         if left <= 0:
@@ -594,15 +594,16 @@ def wait_parked(ctl, loop, target, timeout):
         pause = min(pause * 2, 0.02)
 
 
-def park(ctx, port, ctl, loop, n, request, on_resp, state, timeout):
+def park(ctx, port, ctl, loop, n, request, on_resp, state, timeout, key="waiters", cls=None):
     """Open n keep-alive clients in batches, each sending `request`; wait until /stats shows them parked.
 
     state.early counts responses that arrived before they should (errors: 503, a timeout, ...).
-    Returns (conns, connect_errors, ok).
+    With key="streams" and cls=StreamConn it opens event streams instead. Each conn's tag is its
+    index in the returned list. Returns (conns, connect_errors, ok).
     """
     conns = []
     connect_errors = 0
-    base = ctl.stats().get("waiters", 0)
+    base = ctl.stats().get(key, 0)
     deadline = now() + timeout
     ok = True
     while len(conns) < n:
@@ -611,7 +612,7 @@ def park(ctx, port, ctl, loop, n, request, on_resp, state, timeout):
             break
         for _ in range(min(ctx.batch, n - len(conns))):
             try:
-                c = loop.connect(port, on_resp)
+                c = loop.connect(port, on_resp, tag=len(conns), cls=cls)
             except OSError as e:
                 connect_errors += 1
                 if connect_errors in (1, 10, 100):
@@ -625,9 +626,9 @@ def park(ctx, port, ctl, loop, n, request, on_resp, state, timeout):
             ok = False
             break
         ok, st = wait_parked(ctl, loop, lambda: base + outstanding(conns),
-                             min(PARK_BATCH_TIMEOUT_S, max(0.1, deadline - now())))
+                             min(PARK_BATCH_TIMEOUT_S, max(0.1, deadline - now())), key)
         if not ok:
-            log("parking stalled: /stats waiters=%s, expected %d" % (st.get("waiters"), base + outstanding(conns)))
+            log("parking stalled: /stats %s=%s, expected %d" % (key, st.get(key), base + outstanding(conns)))
             break
     return conns, connect_errors, ok
 
