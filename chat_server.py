@@ -1785,14 +1785,18 @@ def framing_error(message, status=HTTPStatus.BAD_REQUEST):
 _METHOD = re.compile(rb"[A-Z][A-Z_-]{0,19}\Z")
 _TARGET = re.compile(rb"[\x21-\x7e]+\Z")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
+_ABSOLUTE = re.compile(rb"https?://[^/?#]+(/|\Z)", re.I)
 _FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+\Z")
+_BARE_CR = re.compile(rb"\r[^\n]")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;.*)?\Z")
 #: Fields that must not appear twice: a second one would be read differently by different
 #: parsers (request smuggling, a confused Host or token check).
 SINGLE_FIELDS = frozenset(("host", "content-length", "transfer-encoding", "content-type", "authorization",
                            "origin", "expect", "last-event-id", "sec-fetch-site"))
+#: Fields that say where the body ends: read as strictly as nginx reads them.
+FRAMING_FIELDS = frozenset(("content-length", "transfer-encoding"))
 SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 
 
@@ -1840,8 +1844,8 @@ def parse_head(head):
                             HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
     if not _METHOD.match(method):
         raise framing_error("the method must be a word in capitals, such as GET or POST")
-    if not _TARGET.match(target):
-        raise framing_error("the request target must be printable ASCII without spaces")
+    if not _TARGET.match(target) or not (target.startswith(b"/") or _ABSOLUTE.match(target)):
+        raise framing_error("the request target must be a path starting with / (printable ASCII, no spaces)")
     if len(head) - len(request_line) > MAX_HEADER_BYTES + 2 * len(lines):
         raise framing_error("the headers are longer than %d bytes" % MAX_HEADER_BYTES,
                             HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
@@ -1863,6 +1867,8 @@ def parse_head(head):
         if _BAD_FIELD_BYTE.search(value):
             raise framing_error("a control character in header %s" % name.decode("ascii"))
         key = name.decode("ascii").lower()
+        if key in FRAMING_FIELDS and b"\t" in line:
+            raise framing_error("a tab in header %s" % name.decode("ascii"))    # as nginx refuses it
         text = value.decode("latin-1")
         if key in headers:
             if key in SINGLE_FIELDS:
@@ -1981,6 +1987,8 @@ class RequestReader:
     def _check_partial_head(self):
         # Refuse an oversized head as soon as it shows, not after reading all of it.
         buffer = self.buffer
+        if _BARE_CR.search(buffer):
+            raise framing_error("a bare CR in the request head")
         first_end = buffer.find(b"\n")
         if first_end < 0:
             if len(buffer) > MAX_REQUEST_LINE_BYTES:
@@ -2146,7 +2154,7 @@ class AccessPolicy:
         """The request's (name, port); HTTPError 400 for a malformed Host, 421 for a foreign one."""
         value = request.headers.get("host")
         target = request.target
-        if target.startswith(("http://", "https://")):      # absolute form: its authority wins
+        if not target.startswith("/"):      # the absolute form (http://host/...): its authority wins
             value = target.split("/", 3)[2]
         if value is None:
             return None     # HTTP/1.0 without Host: it can only be a direct client
@@ -2351,13 +2359,11 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self):
         request = self.req
-        path, _, query = request.target.partition("?")
+        path, _, query = request.target.partition("#")[0].partition("?")
         if not path.startswith("/"):
             path = self._path_of_target(path)
         try:
             host = self.server.policy.check_host(request)
-            if path == "*" and self.command == "OPTIONS":
-                return self._answer_options({"GET": None, "POST": None})
             methods = self._methods_for(path)
             if methods is None:
                 raise HTTPError(404, "no such path: %s" % path[:200])
@@ -2369,7 +2375,7 @@ class ChatHandler(BaseHTTPRequestHandler):
                                 headers={"Allow": self._allow(methods)})
             if self.command not in SAFE_METHODS:
                 self.server.policy.check_origin(request, host)
-            query = parse_query(query.partition("#")[0])
+            query = parse_query(query)
             if self.server.config.token and path not in self.OPEN_PATHS:
                 self.server.policy.check_token(request, query.get("token") if self._wants_stream() else None)
             room = self._room_of(path)
@@ -2400,10 +2406,8 @@ class ChatHandler(BaseHTTPRequestHandler):
     @staticmethod
     def _path_of_target(target):
         # The absolute form (http://host/path), as proxies may send it; AccessPolicy took its host.
-        if target.startswith(("http://", "https://")):
-            parts = target.split("/", 3)
-            return "/" + (parts[3] if len(parts) > 3 else "")
-        return target
+        parts = target.split("/", 3)
+        return "/" + (parts[3] if len(parts) > 3 else "")
 
     def _methods_for(self, path):
         """The route's {method: handler name} for a path, or None if it is not one of ours."""

@@ -4,15 +4,19 @@ Run with:  python -m unittest -v test_chat_server
 """
 
 import base64
+import collections
+import concurrent.futures
 import http.client
 import io
 import json
 import os
+import random
 import re
 import shlex
 import shutil
 import signal
 import socket
+import socketserver
 import sqlite3
 import ssl
 import subprocess
@@ -112,8 +116,9 @@ class ServerTestCase(unittest.TestCase):
         return self.request("GET", path, **kwargs)
 
     def with_host(self, data):
-        """`data` with each "Host: HOST" naming this test's server (as a client would)."""
-        return data.replace(b"Host: HOST\r\n", b"Host: %s:%d\r\n" % (self.address[0].encode(), self.address[1]))
+        """`data` with each "Host: HOST" (and http://HOST/) naming this test's server, as a client would."""
+        name = b"%s:%d" % (self.address[0].encode(), self.address[1])
+        return data.replace(b"Host: HOST", b"Host: " + name).replace(b"http://HOST/", b"http://%s/" % name)
 
     def send_raw(self, sock, data):
         sock.sendall(self.with_host(data))
@@ -2188,6 +2193,466 @@ class NginxDeploymentTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 0)
 
 
+class _AnyRequestUpstream(socketserver.StreamRequestHandler):
+    """An upstream for a private nginx that answers 200 to whatever nginx lets through (nginx
+    sends it each body with a Content-Length)."""
+
+    def handle(self):
+        try:
+            self.answer_each_request()
+        except ConnectionError:
+            pass        # nginx drops its upstream connection when its client goes
+
+    def answer_each_request(self):
+        while True:
+            length = 0
+            line = self.rfile.readline(65536)
+            if not line:
+                return
+            while line not in (b"\r\n", b"\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+                line = self.rfile.readline(65536)
+            self.rfile.read(length)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+class FramingTableTest(ServerTestCase):
+    """Raw framing cases, each with the answer nginx 1.22 gave to it (recorded by running every case
+    through a private nginx in front of a server that answers 200 to anything) and this server's.
+
+    Where nginx refuses a request, this server refuses it too, with a 4xx (or 501, 505) and a
+    closed connection, and never reads what follows it as another request.  Where nginx accepts
+    one, this server may still refuse it: it is stricter than nginx in places (two spaces in the
+    request line, header names nginx drops, control characters in values, bare LF in chunked
+    bodies, Expect values other than 100-continue, more than 100 header lines, ...).
+    """
+
+    server_options = {"request_timeout": 1}
+    SECOND = b"GET /healthz?second HTTP/1.1\r\nHost: HOST\r\n\r\n"
+    # (name, nginx's answer, this server's, followed by SECOND in the same write?, the request).
+    # nginx's answer is its status, "wait" (it waited for more bytes) or "0.9" (it answered as
+    # HTTP/0.9, without a status line).
+    CASES = [
+        ('get_valid', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('get_http10_no_host', 200, 200, 1, b'GET / HTTP/1.0\r\n\r\n'),
+        ('post_content_length', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\n\r\nhello'),
+        ('post_chunked', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('head_valid', 200, 200, 1, b'HEAD / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('options_valid', 200, 204, 1, b'OPTIONS / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('absolute_form', 200, 200, 1, b'GET http://HOST/healthz HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('absolute_form_other_host', 200, 421, 1, b'GET http://other.example/healthz HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('absolute_form_no_host_header', 400, 400, 1, b'GET http://HOST/healthz HTTP/1.1\r\n\r\n'),
+        ('leading_crlf', 200, 200, 1, b'\r\nGET / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('leading_crlf_x3', 200, 200, 1, b'\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('leading_lf', 200, 200, 1, b'\nGET / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('lf_only_get', 200, 200, 1, b'GET / HTTP/1.1\nHost: HOST\n\n'),
+        ('lf_only_post_chunked', 200, 400, 1,
+         b'POST /messages HTTP/1.1\nHost: HOST\nTransfer-Encoding: chunked\n\n5\nhello\n0\n\n'),
+        ('cr_only_line_endings', 400, 400, 1, b'GET / HTTP/1.1\rHost: HOST\r\r'),
+        ('method_lowercase', 400, 400, 1, b'get / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('method_unknown_FOO', 200, 501, 1, b'FOO / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('method_with_digits_G3T', 400, 400, 1, b'G3T / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('method_with_hyphen_M-SEARCH', 200, 501, 1, b'M-SEARCH / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('method_with_underscore_FO_O', 200, 501, 1, b'FO_O / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('method_with_bang_GE!T', 400, 400, 1, b'GE!T / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('two_spaces_before_uri', 200, 400, 1, b'GET  / HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('two_spaces_before_version', 200, 400, 1, b'GET /  HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('tab_separator', 400, 400, 1, b'GET\t/\tHTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('tab_before_version_only', 400, 400, 1, b'GET /\tHTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('nbsp_separator', 400, 400, 1, b'GET\xa0/\xa0HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('nbsp_before_version_only', '0.9', 400, 1, b'GET /\xa0HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('vt_separator', 400, 400, 1, b'GET\x0b/\x0bHTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('vt_before_version_only', 400, 400, 1, b'GET /\x0bHTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('ff_before_version_only', 400, 400, 1, b'GET /\x0cHTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('missing_version_http09', '0.9', 400, 1, b'GET /\r\n\r\n'),
+        ('missing_version_http09_with_headers', '0.9', 400, 1, b'GET /\r\nHost: HOST\r\n\r\n'),
+        ('missing_version_http09_post', '0.9', 400, 1, b'POST /\r\n\r\n'),
+        ('version_http12', 200, 505, 1, b'GET / HTTP/1.2\r\nHost: HOST\r\n\r\n'),
+        ('version_http110', 200, 400, 1, b'GET / HTTP/1.10\r\nHost: HOST\r\n\r\n'),
+        ('version_http1_01', 200, 400, 1, b'GET / HTTP/1.01\r\nHost: HOST\r\n\r\n'),
+        ('version_http20', 505, 505, 1, b'GET / HTTP/2.0\r\nHost: HOST\r\n\r\n'),
+        ('version_http30', 505, 505, 1, b'GET / HTTP/3.0\r\nHost: HOST\r\n\r\n'),
+        ('version_http10_leading_zero_major', 400, 400, 1, b'GET / HTTP/01.1\r\nHost: HOST\r\n\r\n'),
+        ('version_trailing_space', 200, 400, 1, b'GET / HTTP/1.1 \r\nHost: HOST\r\n\r\n'),
+        ('version_lowercase_http', 400, 400, 1, b'GET / http/1.1\r\nHost: HOST\r\n\r\n'),
+        ('version_missing_minor', 400, 400, 1, b'GET / HTTP/1.\r\nHost: HOST\r\n\r\n'),
+        ('version_junk_after', 400, 400, 1, b'GET / HTTP/1.1x\r\nHost: HOST\r\n\r\n'),
+        ('space_in_uri', 400, 400, 1, b'GET /a b HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('nul_in_uri', 400, 400, 1, b'GET /a\x00b HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('ctrl01_in_uri', 400, 400, 1, b'GET /a\x01b HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('del7f_in_uri', 400, 400, 1, b'GET /a\x7fb HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('nonascii_e9_in_uri', 200, 400, 1, b'GET /a\xe9b HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('request_line_9000', 414, 414, 1, b'GET /' + b'a' * 9000 + b' HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('uri_fragment', 200, 404, 1, b'GET /x#frag HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('star_target_get', 400, 400, 1, b'GET * HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('star_target_options', 400, 400, 1, b'OPTIONS * HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('uri_no_leading_slash', 400, 400, 1, b'GET x HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('space_before_colon_host', 400, 400, 1, b'GET / HTTP/1.1\r\nHost : localhost\r\n\r\n'),
+        ('space_before_colon_te', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('space_before_colon_cl', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length : 5\r\n\r\nhello'),
+        ('space_before_colon_other', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo : bar\r\n\r\n'),
+        ('tab_before_colon', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo\t: bar\r\n\r\n'),
+        ('header_without_colon', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo bar\r\n\r\n'),
+        ('header_without_colon_single_token', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nXFoo\r\n\r\n'),
+        ('empty_header_name', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\n: value\r\n\r\n'),
+        ('header_name_at_sign', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nFo@o: x\r\n\r\n'),
+        ('header_name_bracket', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nFoo[: x\r\n\r\n'),
+        ('header_name_nul', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nFo\x00o: x\r\n\r\n'),
+        ('header_name_nonascii', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nFo\xe9o: x\r\n\r\n'),
+        ('header_name_ctrl01', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nFo\x01o: x\r\n\r\n'),
+        ('underscore_in_name', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX_Foo: x\r\n\r\n'),
+        ('underscore_content_length', 200, 411, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent_Length: 5\r\n\r\nhello'),
+        ('obs_fold_space', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\r\n b\r\n\r\n'),
+        ('obs_fold_tab', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\r\n\tb\r\n\r\n'),
+        ('obs_fold_first_header', 400, 400, 1, b'GET / HTTP/1.1\r\n X-Foo: a\r\nHost: HOST\r\n\r\n'),
+        ('obs_fold_transfer_encoding', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding:\r\n chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('bare_cr_in_value', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\rb\r\n\r\n'),
+        ('bare_cr_end_of_line', 400, 400, 1, b'GET / HTTP/1.1\r\nX-Foo: a\rHost: HOST\r\n\r\n'),
+        ('bare_cr_end_of_line_with_host', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\rX-Bar: b\r\n\r\n'),
+        ('cr_cr_lf_end_of_line', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\r\r\n\r\n'),
+        ('nul_in_value', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\x00b\r\n\r\n'),
+        ('ctrl01_in_value', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\x01b\r\n\r\n'),
+        ('del7f_in_value', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\x7fb\r\n\r\n'),
+        ('nonascii_e9_in_value', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: a\xe9b\r\n\r\n'),
+        ('value_leading_tab', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo:\tbar\r\n\r\n'),
+        ('value_trailing_tab', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: bar\t\r\n\r\n'),
+        ('value_trailing_spaces', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Foo: bar   \r\n\r\n'),
+        ('header_line_9000', 400, 431, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nX-Big: ' + b'a' * 9000 + b'\r\n\r\n'),
+        ('headers_100_x_8000', 400, 431, 0,
+         b'GET / HTTP/1.1\r\nHost: HOST\r\n' + b''.join((b'X-H%d: ' % i).ljust(7998, b'a') + b'\r\n' for i in range(100)) + b'\r\n'),
+        ('headers_200_small', 200, 431, 1,
+         b'GET / HTTP/1.1\r\nHost: HOST\r\nX-H0: v\r\nX-H1: v\r\nX-H2: v\r\nX-H3: v\r\nX-H4: v\r\n' +
+         b'X-H5: v\r\nX-H6: v\r\nX-H7: v\r\nX-H8: v\r\nX-H9: v\r\nX-H10: v\r\nX-H11: v\r\nX-H12: v\r\n' +
+         b'X-H13: v\r\nX-H14: v\r\nX-H15: v\r\nX-H16: v\r\nX-H17: v\r\nX-H18: v\r\nX-H19: v\r\n' +
+         b'X-H20: v\r\nX-H21: v\r\nX-H22: v\r\nX-H23: v\r\nX-H24: v\r\nX-H25: v\r\nX-H26: v\r\n' +
+         b'X-H27: v\r\nX-H28: v\r\nX-H29: v\r\nX-H30: v\r\nX-H31: v\r\nX-H32: v\r\nX-H33: v\r\n' +
+         b'X-H34: v\r\nX-H35: v\r\nX-H36: v\r\nX-H37: v\r\nX-H38: v\r\nX-H39: v\r\nX-H40: v\r\n' +
+         b'X-H41: v\r\nX-H42: v\r\nX-H43: v\r\nX-H44: v\r\nX-H45: v\r\nX-H46: v\r\nX-H47: v\r\n' +
+         b'X-H48: v\r\nX-H49: v\r\nX-H50: v\r\nX-H51: v\r\nX-H52: v\r\nX-H53: v\r\nX-H54: v\r\n' +
+         b'X-H55: v\r\nX-H56: v\r\nX-H57: v\r\nX-H58: v\r\nX-H59: v\r\nX-H60: v\r\nX-H61: v\r\n' +
+         b'X-H62: v\r\nX-H63: v\r\nX-H64: v\r\nX-H65: v\r\nX-H66: v\r\nX-H67: v\r\nX-H68: v\r\n' +
+         b'X-H69: v\r\nX-H70: v\r\nX-H71: v\r\nX-H72: v\r\nX-H73: v\r\nX-H74: v\r\nX-H75: v\r\n' +
+         b'X-H76: v\r\nX-H77: v\r\nX-H78: v\r\nX-H79: v\r\nX-H80: v\r\nX-H81: v\r\nX-H82: v\r\n' +
+         b'X-H83: v\r\nX-H84: v\r\nX-H85: v\r\nX-H86: v\r\nX-H87: v\r\nX-H88: v\r\nX-H89: v\r\n' +
+         b'X-H90: v\r\nX-H91: v\r\nX-H92: v\r\nX-H93: v\r\nX-H94: v\r\nX-H95: v\r\nX-H96: v\r\n' +
+         b'X-H97: v\r\nX-H98: v\r\nX-H99: v\r\nX-H100: v\r\nX-H101: v\r\nX-H102: v\r\nX-H103: v\r\n' +
+         b'X-H104: v\r\nX-H105: v\r\nX-H106: v\r\nX-H107: v\r\nX-H108: v\r\nX-H109: v\r\nX-H110: v\r\n' +
+         b'X-H111: v\r\nX-H112: v\r\nX-H113: v\r\nX-H114: v\r\nX-H115: v\r\nX-H116: v\r\nX-H117: v\r\n' +
+         b'X-H118: v\r\nX-H119: v\r\nX-H120: v\r\nX-H121: v\r\nX-H122: v\r\nX-H123: v\r\nX-H124: v\r\n' +
+         b'X-H125: v\r\nX-H126: v\r\nX-H127: v\r\nX-H128: v\r\nX-H129: v\r\nX-H130: v\r\nX-H131: v\r\n' +
+         b'X-H132: v\r\nX-H133: v\r\nX-H134: v\r\nX-H135: v\r\nX-H136: v\r\nX-H137: v\r\nX-H138: v\r\n' +
+         b'X-H139: v\r\nX-H140: v\r\nX-H141: v\r\nX-H142: v\r\nX-H143: v\r\nX-H144: v\r\nX-H145: v\r\n' +
+         b'X-H146: v\r\nX-H147: v\r\nX-H148: v\r\nX-H149: v\r\nX-H150: v\r\nX-H151: v\r\nX-H152: v\r\n' +
+         b'X-H153: v\r\nX-H154: v\r\nX-H155: v\r\nX-H156: v\r\nX-H157: v\r\nX-H158: v\r\nX-H159: v\r\n' +
+         b'X-H160: v\r\nX-H161: v\r\nX-H162: v\r\nX-H163: v\r\nX-H164: v\r\nX-H165: v\r\nX-H166: v\r\n' +
+         b'X-H167: v\r\nX-H168: v\r\nX-H169: v\r\nX-H170: v\r\nX-H171: v\r\nX-H172: v\r\nX-H173: v\r\n' +
+         b'X-H174: v\r\nX-H175: v\r\nX-H176: v\r\nX-H177: v\r\nX-H178: v\r\nX-H179: v\r\nX-H180: v\r\n' +
+         b'X-H181: v\r\nX-H182: v\r\nX-H183: v\r\nX-H184: v\r\nX-H185: v\r\nX-H186: v\r\nX-H187: v\r\n' +
+         b'X-H188: v\r\nX-H189: v\r\nX-H190: v\r\nX-H191: v\r\nX-H192: v\r\nX-H193: v\r\nX-H194: v\r\n' +
+         b'X-H195: v\r\nX-H196: v\r\nX-H197: v\r\nX-H198: v\r\nX-H199: v\r\n\r\n'),
+        ('http11_no_host', 400, 400, 1, b'GET / HTTP/1.1\r\n\r\n'),
+        ('empty_host', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: \r\n\r\n'),
+        ('two_hosts_same', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nHost: HOST\r\n\r\n'),
+        ('two_hosts_different', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nHost: other\r\n\r\n'),
+        ('host_with_space', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: local host\r\n\r\n'),
+        ('host_with_slash', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: a/b\r\n\r\n'),
+        ('host_with_backslash', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: a\\b\r\n\r\n'),
+        ('host_port_99999', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: localhost:99999\r\n\r\n'),
+        ('host_ipv6_port', 200, 421, 1, b'GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n'),
+        ('host_trailing_colon', 200, 421, 1, b'GET / HTTP/1.1\r\nHost: localhost:\r\n\r\n'),
+        ('host_userinfo', 200, 400, 1, b'GET / HTTP/1.1\r\nHost: u@localhost\r\n\r\n'),
+        ('host_dotdot', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: ..\r\n\r\n'),
+        ('host_with_tab_inside', 400, 400, 1, b'GET / HTTP/1.1\r\nHost: local\thost\r\n\r\n'),
+        ('host_uppercase', 200, 421, 1, b'GET / HTTP/1.1\r\nHost: LOCALHOST\r\n\r\n'),
+        ('host_leading_dot', 200, 421, 1, b'GET / HTTP/1.1\r\nHost: .localhost\r\n\r\n'),
+        ('cl_nondigit_abc', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: abc\r\n\r\nhello'),
+        ('cl_empty', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: \r\n\r\nhello'),
+        ('cl_negative', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: -5\r\n\r\nhello'),
+        ('cl_plus_sign', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: +5\r\n\r\nhello'),
+        ('cl_hex_0x5', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 0x5\r\n\r\nhello'),
+        ('cl_superscript_two', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: \xc2\xb2\r\n\r\nhe'),
+        ('cl_5000_digits_nines', 400, 413, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: ' + b'9' * 5000 + b'\r\n\r\nhello'),
+        ('cl_5000_digits_leading_zeros', 200, 413, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: ' + b'0' * 4999 + b'5\r\n\r\nhello'),
+        ('cl_20_digits_overflow', 400, 413, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 99999999999999999999\r\n\r\nhello'),
+        ('cl_leading_zeros_0005', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 0005\r\n\r\nhello'),
+        ('cl_surrounding_spaces', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length:  5  \r\n\r\nhello'),
+        ('cl_leading_tab', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length:\t5\r\n\r\nhello'),
+        ('cl_trailing_tab', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\t\r\n\r\nhello'),
+        ('cl_5_space_5', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5 5\r\n\r\nhello'),
+        ('cl_5_comma_5', 400, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5,5\r\n\r\nhello'),
+        ('cl_5_comma_space_5', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5, 5\r\n\r\nhello'),
+        ('cl_duplicate_same', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello'),
+        ('cl_duplicate_different', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!'),
+        ('cl_larger_than_body', 'wait', 408, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 10\r\n\r\nhello'),
+        ('cl_body_longer_junk', 200, 201, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\n\r\nhelloJUNK\r\n\r\n'),
+        ('cl_body_longer_smuggled', 200, 201, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\n\r\n' +
+         b'helloGET /smuggled HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('cl_on_get_with_body', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\n\r\nhello'),
+        ('cl_zero_post', 200, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 0\r\n\r\n'),
+        ('cl_over_max_body_size', 413, 413, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 2000000\r\n\r\nhello'),
+        ('post_no_length', 200, 411, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('te_chunked_valid', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_chunked_capitalized', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_chunked_uppercase', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: CHUNKED\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_chunked_plus_cl', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n' +
+         b'\r\n5\r\nhello\r\n0\r\n\r\n'),
+        ('cl_plus_te_chunked', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n' +
+         b'\r\n5\r\nhello\r\n0\r\n\r\n'),
+        ('te_empty_with_cl', 501, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\n' +
+         b'hello'),
+        ('te_empty_alone', 501, 400, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: \r\n\r\n'),
+        ('te_gzip_chunked', 501, 501, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\n' +
+         b'hello\r\n0\r\n\r\n'),
+        ('te_chunked_gzip', 501, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\n' +
+         b'hello\r\n0\r\n\r\n'),
+        ('te_chunked_chunked_one_header', 501, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\n' +
+         b'hello\r\n0\r\n\r\n'),
+        ('te_identity', 501, 501, 1, b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: identity\r\n\r\n'),
+        ('te_identity_with_cl', 501, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: identity\r\nContent-Length: 5\r\n' +
+         b'\r\nhello'),
+        ('te_xchunked', 501, 501, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_chunked_twice_two_headers', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n' +
+         b'Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n'),
+        ('te_gzip_then_chunked_two_headers', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: gzip\r\n' +
+         b'Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n'),
+        ('te_leading_space', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding:  chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_leading_tab', 501, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding:\tchunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_no_space', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding:chunked\r\n\r\n5\r\nhello\r\n0\r\n' +
+         b'\r\n'),
+        ('te_trailing_space', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked \r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_chunked_http10', 400, 400, 1,
+         b'POST /messages HTTP/1.0\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('te_chunked_http10_with_cl', 400, 400, 1,
+         b'POST /messages HTTP/1.0\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n' +
+         b'\r\n5\r\nhello\r\n0\r\n\r\n'),
+        ('chunk_size_nonhex', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('chunk_size_leading_space', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('chunk_size_trailing_space', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('chunk_size_trailing_tab', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\t\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('chunk_size_0x_prefix', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('chunk_size_oversized', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n' +
+         b'ffffffffffffffffff\r\nhello\r\n0\r\n\r\n'),
+        ('chunk_size_leading_zeros', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n00000005\r\n' +
+         b'hello\r\n0\r\n\r\n'),
+        ('chunk_extension', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5;foo=bar\r\n' +
+         b'hello\r\n0\r\n\r\n'),
+        ('chunk_extension_bws', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5 ; foo=bar\r\n' +
+         b'hello\r\n0\r\n\r\n'),
+        ('chunk_missing_crlf_after_data', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n' +
+         b'\r\n'),
+        ('chunk_data_longer_than_size', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n' +
+         b'0\r\n\r\n'),
+        ('chunk_lf_only_after_size', 200, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n' +
+         b'\r\n'),
+        ('chunk_bare_cr_after_size', 400, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\rhello\r\n0\r\n' +
+         b'\r\n'),
+        ('chunk_missing_last_chunk', 'wait', 408, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n'),
+        ('chunk_last_chunk_no_final_crlf', 'wait', 408, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\n'),
+        ('chunk_trailer', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\nX-Trailer: 1\r\n\r\n'),
+        ('chunk_trailer_invalid', 200, 400, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n' +
+         b'0\r\nX Trailer\r\n\r\n'),
+        ('chunked_body_too_large', 413, 413, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\n' +
+         b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' +
+         b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' +
+         b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' +
+         b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' +
+         b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n10000\r\n' +
+         b'a' * 65536 + b'\r\n10000\r\n' + b'a' * 65536 + b'\r\n0\r\n\r\n'),
+        ('expect_100_small_body', 200, 201, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n' +
+         b'hello'),
+        ('expect_100_body_delayed', 200, 201, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n' +
+         b'hello'),
+        ('expect_100_too_large', 413, 413, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 2000000\r\nExpect: 100-continue\r\n' +
+         b'\r\n'),
+        ('expect_100_chunked_delayed', 200, 201, 0,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nTransfer-Encoding: chunked\r\n' +
+         b'Expect: 100-continue\r\n\r\n5\r\nhello\r\n0\r\n\r\n'),
+        ('expect_100_http10', 200, 201, 0,
+         b'POST /messages HTTP/1.0\r\nHost: HOST\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n' +
+         b'hello'),
+        ('expect_other', 200, 417, 1,
+         b'POST /messages HTTP/1.1\r\nHost: HOST\r\nContent-Length: 5\r\nExpect: something-else\r\n\r\n' +
+         b'hello'),
+        ('connection_close', 200, 200, 1, b'GET / HTTP/1.1\r\nHost: HOST\r\nConnection: close\r\n\r\n'),
+        ('http10_keepalive', 200, 200, 1, b'GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n'),
+        ('pipelined_two_gets', 200, 200, 0,
+         b'GET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\nGET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+        ('pipelined_three_gets', 200, 200, 0,
+         b'GET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\nGET /healthz HTTP/1.1\r\nHost: HOST\r\n\r\n' +
+         b'GET /three HTTP/1.1\r\nHost: HOST\r\n\r\n'),
+    ]
+
+    def exchange(self, raw, wait):
+        """(statuses of the responses, closed?) for `raw` sent at once; `wait`: let a deadline pass."""
+        with socket.create_connection(self.address, timeout=5) as sock:
+            try:
+                self.send_raw(sock, raw)
+                if not wait:
+                    sock.shutdown(socket.SHUT_WR)   # then an accepted request's connection ends at once
+            except OSError:
+                pass
+            received, closed = b"", False
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        closed = True
+                        break
+                    received += chunk
+            except ConnectionResetError:
+                closed = True
+            except socket.timeout:
+                pass
+        return responses_in(received), closed
+
+    def test_every_case_against_nginx_and_this_server(self):
+        self.assertGreaterEqual(len(self.CASES), 60)
+        for name, nginx, ours, second, raw in self.CASES:
+            with self.subTest(case=name):
+                statuses, closed = self.exchange(raw + (self.SECOND if second else b""), wait=nginx == "wait")
+                self.assertTrue(statuses, "no answer")
+                self.assertEqual(statuses[0], ours)
+                if nginx != 200:        # refused by nginx: refused here too, and nothing after it read
+                    self.assertGreaterEqual(ours, 400)
+                    self.assertEqual(statuses, [ours])
+                    self.assertTrue(closed)
+        self.assertEqual(self.post("still serving")["body"], "still serving")
+
+    @unittest.skipUnless(NGINX, "nginx is not installed (apt-get install nginx); .ci/run installs it")
+    def test_nginx_still_answers_as_recorded(self):
+        upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _AnyRequestUpstream)
+        upstream.daemon_threads = True
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        self.addCleanup(upstream.server_close)
+        self.addCleanup(upstream.shutdown)
+        port = _free_port()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        nginx = PrivateNginx(directory, """server {
+    listen 127.0.0.1:%d;
+    location / {
+        proxy_pass http://127.0.0.1:%d;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+    }
+}
+""" % (port, upstream.server_address[1]))
+        self.addCleanup(nginx.stop)
+        self.assertTrue(wait_until(lambda: self._nginx_up(port), timeout=10))
+        def nginx_answer(case):
+            name, recorded, _, second, raw = case
+            data = (raw + (self.SECOND if second else b"")).replace(b"Host: HOST", b"Host: localhost")
+            data = data.replace(b"http://HOST/", b"http://localhost/")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                try:
+                    sock.sendall(data)      # no half-close: nginx would take it for a client gone
+                except OSError:
+                    pass
+                received = b""
+                sock.settimeout(3)
+                try:
+                    while not responses_in(received):
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        received += chunk
+                except (ConnectionResetError, socket.timeout):
+                    pass
+            statuses = responses_in(received)
+            return name, recorded, (statuses[0] if statuses else "0.9")
+
+        cases = [case for case in self.CASES if case[1] != "wait"]  # nginx waits 60 s for those
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(nginx_answer, cases))
+        mismatches = [(name, recorded, got) for name, recorded, got in answers if (got == 200) != (recorded == 200)]
+        self.assertEqual(mismatches, [])
+
+    def _nginx_up(self, port):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                return sock.recv(100).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+
 class ImportRoomTest(unittest.TestCase):
     """Moving a room between shards: its history, ids, floor, and a client's cursor survive."""
 
@@ -2290,6 +2755,178 @@ class MetricsTest(ServerTestCase):
         self.assertEqual(resp.status, 401)
         conn.request("GET", "/metrics", headers={"Authorization": "Bearer metrics-secret-0123456789"})
         self.assertEqual(conn.getresponse().status, 200)
+
+
+class MangledRequests:
+    """A seeded generator of hostile requests: mutations of valid ones, random bytes, boundary lengths."""
+
+    SPECIAL = [b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"\x00", b" ", b"  ", b"\t", b":", b"\xff", b"\xa0", b"\x0b",
+               b"%", b"%ff", b"\\", b'"', b"\\ud800", b"{", b"[", b"0", b"-1", b"\x7f", b"\x1b[2J", b";", b",",
+               b"chunked", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 5\r\n", b"Host: evil.example\r\n",
+               b"Expect: 100-continue\r\n", b"Connection: close\r\n", b"HTTP/1.1", b"GET / HTTP/1.1\r\n"]
+    LENGTHS = [b"", b"0", b"-1", b"+5", b"5 5", b"1e3", b"0x10", b"\xc2\xb2", b"99999999999999999999",
+               b"9" * 5000, b"%d" % chat_server.MAX_BODY_BYTES, b"%d" % (chat_server.MAX_BODY_BYTES + 1)]
+
+    def __init__(self, seed, host):
+        self.rng = random.Random(seed)
+        self.host = host
+
+    def valid(self):
+        rng, host = self.rng, self.host
+        json_bodies = [b'{"body": "hi"}', b'{"body": "x", "author": "ann", "client": "abcdefgh"}',
+                       json.dumps({"body": rng.choice(["\u05e9\u05dc\u05d5\u05dd", "\U0001f600", "a\nb", "x" * 500])}).encode(),
+                       b'{"body": "\\ud800"}', b'{"body": [1, {"a": [2]}]}', b'{"body": "x", "n": 1e999}']
+        choice = rng.randrange(10)
+        room = rng.choice([b"/messages", b"/rooms/r1/messages", b"/rooms/a.b-c_d/messages"])
+        if choice < 3:
+            target = room + rng.choice([b"?timeout=0", b"?timeout=0&limit=5", b"?tail=3&timeout=0",
+                                        b"?timeout=0&after=" + chat_server.ZERO_ID.encode()])
+            return b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, host)
+        if choice < 6:
+            body = rng.choice(json_bodies + [b"body=hello&author=bo", b"plain text body"])
+            ctype = rng.choice([b"application/json", b"application/x-www-form-urlencoded", b"text/plain", b""])
+            return (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                    % (room, host, ctype, len(body)) + body)
+        if choice == 6:
+            body = rng.choice(json_bodies)
+            cut = rng.randrange(1, len(body))
+            return (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+                    b"\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (room, host, cut, body[:cut], len(body) - cut, body[cut:]))
+        path = rng.choice([b"/", b"/healthz", b"/stats", b"/metrics", b"/nope", room + b"?timeout=0"])
+        method = rng.choice([b"HEAD", b"OPTIONS", b"GET", b"DELETE"])
+        return b"%s %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (method, path, host)
+
+    def mutate(self, data):
+        rng = self.rng
+        kind = rng.randrange(12)
+        position = rng.randrange(len(data) + 1)
+        if kind == 0:
+            return data[:position] + bytes([rng.randrange(256)]) + data[position + 1:]
+        if kind == 1:
+            return data[:position] + rng.choice(self.SPECIAL) + data[position:]
+        if kind == 2:
+            end = min(len(data), position + rng.randrange(1, 20))
+            return data[:position] + data[end:]
+        if kind == 3:
+            return data[:position]
+        if kind == 4:
+            lines = data.split(b"\r\n")
+            line = rng.choice(lines)
+            return data.replace(line + b"\r\n", (line + b"\r\n") * rng.choice([2, 3, 150]), 1)
+        if kind == 5:
+            return re.sub(rb"Content-Length: [^\r]*", b"Content-Length: " + rng.choice(self.LENGTHS), data, 1)
+        if kind == 6:
+            size = rng.choice([chat_server.MAX_HEADER_LINE_BYTES - 20, chat_server.MAX_HEADER_LINE_BYTES,
+                               chat_server.MAX_HEADER_LINE_BYTES + 1, chat_server.MAX_HEADER_BYTES + 10])
+            return data.replace(b"\r\n", b"\r\nX-Long: " + b"a" * size + b"\r\n", 1)
+        if kind == 7:
+            size = rng.choice([chat_server.MAX_REQUEST_LINE_BYTES - 30, chat_server.MAX_REQUEST_LINE_BYTES + 1])
+            return data.replace(b" HTTP/1.1", b"&pad=" + b"p" * size + b" HTTP/1.1", 1)
+        if kind == 8:
+            return data.replace(b"HTTP/1.1", rng.choice([b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 ", b"http/1.1", b""]), 1)
+        if kind == 9:
+            return data + rng.choice(self.SPECIAL) * rng.randrange(1, 4)
+        if kind == 10:
+            return data.replace(b": ", rng.choice([b" : ", b":", b":\t", b": \r\n ", b"\x00: "]), 1)
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 600)))
+
+    def case(self):
+        data = self.valid()
+        for _ in range(self.rng.choice([0, 1, 1, 2, 3])):
+            data = self.mutate(data)
+        if self.rng.random() < 0.15:
+            data += self.valid()        # a pipelined request behind it
+        return data
+
+
+def responses_in(raw):
+    """The status codes of the responses in `raw`, read one after another by their Content-Length."""
+    statuses = []
+    while raw.startswith(b"HTTP/1.1 "):
+        head, found, rest = raw.partition(b"\r\n\r\n")
+        if not found:
+            break
+        status = int(head[9:12])
+        if status == 100:       # interim: the final answer follows
+            raw = rest
+            continue
+        statuses.append(status)
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if match is None:
+            break       # an event stream, delimited by the connection's end
+        raw = rest[int(match.group(1)):]
+    return statuses
+
+
+class RandomRequestTest(unittest.TestCase):
+    """Every input gets a 4xx JSON answer or a clean close: never a 500, a traceback or a hang."""
+
+    SEED = 90210
+    CASES = 2400
+    BATCH = 200
+
+    def test_mangled_requests(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        log_path = os.path.join(directory, "stderr.log")
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0", "--db",
+                                     os.path.join(directory, "chat.db"), "--request-timeout", "2"],
+                                    stdout=subprocess.PIPE, stderr=log_file)
+        self.addCleanup(stop_process, proc)
+        address = ("127.0.0.1", int(URL_LINE.search(proc.stdout.readline().decode()).group(2)))
+        generator = MangledRequests(self.SEED, b"127.0.0.1:%d" % address[1])
+        cases = [generator.case() for _ in range(self.CASES)]
+        seen = collections.Counter()
+        failures = []
+
+        def run(data):
+            with socket.create_connection(address, timeout=10) as sock:
+                try:
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass        # refused before it was all sent: the server closed, as it may
+                received = b""
+                try:
+                    while True:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        received += chunk
+                except ConnectionResetError:
+                    pass
+                except socket.timeout:
+                    failures.append(("hang", data[:300]))
+                    return
+            for status in responses_in(received):
+                seen[status] += 1
+                if status >= 500 and status not in (501, 505):
+                    failures.append((status, data[:300]))
+
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        self.addCleanup(conn.close)
+        for start in range(0, len(cases), self.BATCH):
+            batch = cases[start:start + self.BATCH]
+            threads = [threading.Thread(target=lambda share=batch[i::8]: [run(c) for c in share]) for i in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            self.assertFalse(failures, failures[:5])
+            conn.request("POST", "/rooms/check/messages", b"body=still serving %d" % start)
+            resp = conn.getresponse()
+            posted = json.loads(resp.read())
+            self.assertEqual(resp.status, 201, posted)
+            conn.request("GET", "/rooms/check/messages?tail=1")
+            self.assertEqual(json.loads(conn.getresponse().read())[0]["id"], posted["id"])
+        stop_process(proc)
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("unhandled error", log)
+        self.assertGreater(sum(seen.values()), self.CASES // 2, seen)   # most cases got an answer
+        self.assertTrue(seen[400] and seen[201] and seen[200], seen)
 
 
 class RateLimitTest(ServerTestCase):
