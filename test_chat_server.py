@@ -6,6 +6,7 @@ Run with:  python -m unittest -v test_chat_server
 import base64
 import collections
 import concurrent.futures
+import email.utils
 import http.client
 import io
 import json
@@ -3120,6 +3121,196 @@ class BenchmarkTest(unittest.TestCase):
         self.assertEqual(seen, {"wake", "fanout", "idle", "post", "order"})
 
 
+# ---------------------------------------------------------------------------
+# The README: its transcripts and client examples run as a new user would run them
+# ---------------------------------------------------------------------------
+
+UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+
+
+def readme_text():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def readme_transcripts():
+    """Every ```console block's (command, expected output lines), in the README's order."""
+    steps = []
+    for block in re.findall(r"```console\n(.*?)```", readme_text(), re.S):
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            else:
+                steps[-1][1].append(line)
+    return steps
+
+
+class OutputMatcher:
+    """Compares what a command printed with what the README shows, structurally where values
+    differ from run to run (ids, times, the retry delay), and learns which real id each id
+    shown in the README stands for, so later commands can use the ids the reader got."""
+
+    def __init__(self, test, port):
+        self.test, self.port, self.ids = test, port, {}
+
+    def command(self, text):
+        """The README's command as it runs here: this Python, this port, the ids of this run."""
+        text = UUID_TEXT.sub(lambda m: self.ids.get(m.group(), m.group()), text)
+        text = text.replace("localhost:8080", "localhost:%d" % self.port)
+        return re.sub(r"^python3 ", shlex.quote(sys.executable) + " ", text)
+
+    def value(self, shown, got, where):
+        if isinstance(shown, dict):
+            self.test.assertIsInstance(got, dict, where)
+            self.test.assertEqual(sorted(shown), sorted(got), where)
+            for key in shown:
+                self.value(shown[key], got[key], where + "." + key)
+        elif isinstance(shown, list):
+            self.test.assertIsInstance(got, list, where)
+            self.test.assertEqual(len(shown), len(got), where)
+            for index, (a, b) in enumerate(zip(shown, got)):
+                self.value(a, b, "%s[%d]" % (where, index))
+        elif isinstance(shown, str) and UUID_TEXT.fullmatch(shown) and where.endswith(".id"):
+            self.learn(shown, got, where)
+        elif isinstance(shown, str) and RFC3339.match(shown):
+            self.test.assertRegex(got, RFC3339, where)
+        elif isinstance(shown, str) and where.endswith(".client") and shown:
+            self.test.assertRegex(got, r"^[A-Za-z0-9_-]{16}$", where)
+        else:
+            self.test.assertEqual(shown, got, where)
+
+    def learn(self, shown, got, where):
+        self.test.assertRegex(got, UUID_TEXT, where)
+        self.test.assertEqual(self.ids.setdefault(shown, got), got, "%s: one id shown for two" % where)
+
+    def line(self, shown, got, where):
+        if shown[:1] in ("{", "[") or shown.startswith("data: "):
+            prefix = "data: " if shown.startswith("data: ") else ""
+            self.test.assertTrue(got.startswith(prefix), where)
+            self.value(json.loads(shown[len(prefix):]), json.loads(got[len(prefix):]), where)
+        elif shown.startswith("id: "):
+            self.test.assertTrue(got.startswith("id: "), (where, got))
+            self.learn(shown[4:], got[4:], where)
+        elif shown.startswith("Date: "):
+            self.test.assertIsNotNone(email.utils.parsedate_to_datetime(got[6:]), where)
+        elif shown.startswith("retry: "):
+            self.test.assertRegex(got, r"^retry: \d+$", where)
+        else:
+            self.test.assertEqual(shown.replace(":8080/", ":%d/" % self.port), got, where)
+
+    def output(self, command, shown, got):
+        self.test.assertEqual(len(shown), len(got), "%s\nshown: %r\ngot: %r" % (command, shown, got))
+        for number, (a, b) in enumerate(zip(shown, got)):
+            self.line(a, b, "%s (line %d)" % (command[:60], number + 1))
+
+
+def start_readme_server(directory, port, *args):
+    """`python3 chat_server.py` as the README starts it, in `directory`, on `port`; (process, first line)."""
+    proc = subprocess.Popen([sys.executable, "chat_server.py", "--port", str(port)] + list(args), cwd=directory,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    return proc, proc.stdout.readline().decode().rstrip("\n")
+
+
+@unittest.skipUnless(shutil.which("curl") and shutil.which("bash"), "the README's transcripts use curl and bash")
+class ReadmeTranscriptTest(unittest.TestCase):
+    """Every `$ command` of the README's console blocks, run in order against one live server."""
+
+    def test_every_transcript_runs_as_shown(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        shutil.copy(SERVER_SCRIPT, directory)       # "copy chat_server.py onto any machine"
+        port = _free_port()
+        matcher = OutputMatcher(self, port)
+        steps = readme_transcripts()
+        self.assertGreaterEqual(len(steps), 10)
+        for command, shown in steps:
+            with self.subTest(command=command[:70]):
+                if command == "python3 chat_server.py":
+                    proc, line = start_readme_server(directory, port)
+                    self.addCleanup(stop_process, proc)
+                    matcher.output(command, shown, [line])
+                    continue
+                result = subprocess.run(["bash", "-c", matcher.command(command)], cwd=directory, timeout=60,
+                                        capture_output=True, text=True)
+                matcher.output(command, shown, result.stdout.splitlines())
+        self.assertTrue(os.path.exists(os.path.join(directory, "chat.db")))
+
+    def test_the_two_commands_are_the_first_thing(self):
+        first_block = re.search(r"```\n(.*?)```", readme_text(), re.S).group(1)
+        self.assertIn("python3 chat_server.py", first_block)
+        self.assertIn("python3 -m unittest -v test_chat_server", first_block)
+
+
+@unittest.skipIf(os.name == "nt", "POSIX signals")
+class ReadmeClientsTest(unittest.TestCase):
+    """The README's client loops follow a room across a server restart, printing each message once."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        shutil.copy(SERVER_SCRIPT, self.directory)
+        self.port = _free_port()
+
+    def start(self):
+        proc, line = start_readme_server(self.directory, self.port, "--quiet")
+        self.assertIn("serving on", line)
+        self.addCleanup(stop_process, proc)
+        return proc
+
+    def post(self, author, body):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("POST", "/rooms/lobby/messages", json.dumps({"body": body, "author": author}).encode(),
+                     {"Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().status, 201)
+        conn.close()
+
+    def follow_with(self, argv):
+        """Run a follower; post, restart the server, post again; return what the follower printed."""
+        server = self.start()
+        self.post("ann", "first")
+        self.post(None, "second")
+        follower = subprocess.Popen(argv, cwd=self.directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, follower)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, b"")), daemon=True)
+        reader.start()
+        self.assertTrue(wait_until(lambda: len(lines) >= 2, timeout=15), lines)
+        stop_process(server)
+        self.assertEqual(server.returncode, 0)
+        self.start()        # the same database: the follower's cursor stays good
+        self.post("bob", "after the restart")
+        self.assertTrue(wait_until(lambda: len(lines) >= 3, timeout=20), lines)
+        time.sleep(0.5)     # anything printed twice would show up now
+        follower.kill()
+        return [line.decode().strip() for line in lines]
+
+    def test_the_python_loop(self):
+        code = re.search(r"```python\n(.*?)```", readme_text(), re.S).group(1)
+        code = code.replace("localhost:8080", "localhost:%d" % self.port)
+        printed = self.follow_with([sys.executable, "-u", "-c", code + "\nfollow()\n"])
+        self.assertEqual(printed, ["ann : first", "anonymous : second", "bob : after the restart"])
+
+    @unittest.skipUnless(shutil.which("curl") and shutil.which("jq"), "the shell loop uses curl and jq")
+    def test_the_shell_loop(self):
+        script = re.search(r"```sh\n(.*?)```", readme_text(), re.S).group(1)
+        script = script.replace("localhost:8080", "localhost:%d" % self.port)
+        printed = self.follow_with(["bash", "-c", script])
+        self.assertEqual(printed, ["ann: first", "anonymous: second", "bob: after the restart"])
+
+    def test_the_read_timeout_advice_is_true(self):
+        # A client whose read timeout is shorter than the poll's fails it; the README's is longer.
+        self.start()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/rooms/lobby/messages?timeout=3&after=" + chat_server.ZERO_ID)
+        with self.assertRaises(socket.timeout):
+            conn.getresponse()
+        code = re.search(r"```python\n(.*?)```", readme_text(), re.S).group(1)
+        poll, read = re.search(r"timeout=(\d+)&after.*?timeout=(\d+)\)", code, re.S).groups()
+        self.assertGreater(int(read), int(poll))
+
+
 class ReadmeTest(unittest.TestCase):
     def test_readme_documents_every_route_flag_and_status(self):
         with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
@@ -3130,10 +3321,11 @@ class ReadmeTest(unittest.TestCase):
             for flag in action.option_strings:
                 if flag.startswith("--") and flag != "--help":
                     self.assertIn(flag, readme)
-        for status in (200, 201, 204, 400, 401, 404, 405, 408, 410, 411, 413, 414, 415, 429, 431, 500, 501,
-                       503, 505):
-            self.assertIn(str(status), readme)
-        self.assertIn("python -m unittest -v test_chat_server", readme)
+        statuses = re.search(r"### Status codes\n(.*?)\n\n", readme, re.S).group(1)
+        for status in (100, 200, 201, 204, 400, 401, 403, 404, 405, 408, 410, 411, 413, 414, 415, 417, 421, 429,
+                       431, 500, 501, 503, 505):
+            self.assertIn("| %d |" % status, statuses)
+        self.assertIn("python3 -m unittest -v test_chat_server", readme)
 
 
 # ---------------------------------------------------------------------------
