@@ -537,11 +537,16 @@ class MessageStore:
         # its own client waiting for as long as others kept posting (seconds, under load).
         with self._lock:
             batch, self._pending = self._pending, []
+        error = "an internal error (see the server's log)"
         try:
             self.database.insert(batch)
             error = None
         except StorageError as exc:
             error = str(exc)
+        finally:    # even after a bug, so that the posters queued behind are not stuck
+            self._hand_off(batch, error)
+
+    def _hand_off(self, batch, error):
         with self._lock:
             if error is None:
                 self._publish(batch)
@@ -2632,8 +2637,12 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         if not self.server.config.quiet:
-            sys.stderr.write("%s - - [%s] %s\n" % (self.address_string(), self.log_date_time_string(),
-                                                    printable(format % args)))
+            self.log_error(format, *args)
+
+    def log_error(self, format, *args):
+        """Errors are written even with --quiet (which silences the access log only)."""
+        sys.stderr.write("%s - - [%s] %s\n" % (self.address_string(), self.log_date_time_string(),
+                                                printable(format % args, keep_newlines=True)))
 
     def version_string(self):
         return self.server_version
@@ -2836,6 +2845,10 @@ class EventStream:
             self._catch_up(waiter, None if cursor == ZERO_ID else cursor)
             if waiter.live:
                 waiter.event.wait()
+        except StorageError as exc:
+            # The head is sent: no status can be given any more, only the end of the stream
+            # (the client reconnects with its Last-Event-ID).
+            handler.log_error("%s: event stream ended: %s", handler.requestline, exc)
         finally:
             server.housekeeper.unwatch(waiter)
             server.registry.claim(waiter)
