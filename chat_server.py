@@ -2971,17 +2971,25 @@ PAGE_HTML = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
+<link rel="icon" href="data:,">
 <title>Chat</title>
 <style>
 :root {
   --bg: #ffffff; --fg: #1b1c1f; --muted: #5c6068; --line: #d5d7dc; --card: #f1f3f6;
-  --mine: #e3ecfd; --accent: #0b57d0; --on-accent: #ffffff; --bad: #b3261e; --ok: #1e7b34;
+  --mine: #e3ecfd; --mine-edge: #0b57d0; --accent: #0b57d0; --on-accent: #ffffff; --link: #0b57d0;
+  --bad: #b3261e; --ok: #1e7b34;
+  /* author colours: at least 4.5:1 on --bg, --card and --mine */
+  --c0: #b3261e; --c1: #a1410d; --c2: #7a5c00; --c3: #18702f;
+  --c4: #00696e; --c5: #0b57d0; --c6: #6b38c8; --c7: #a8246d;
   color-scheme: light dark;
 }
 @media (prefers-color-scheme: dark) {
   :root {
     --bg: #131417; --fg: #e4e5e9; --muted: #9da1a9; --line: #363940; --card: #1f2126;
-    --mine: #1d2a44; --accent: #8ab4f8; --on-accent: #0b1a33; --bad: #f2b8b5; --ok: #7fd68f;
+    --mine: #1d2a44; --mine-edge: #8ab4f8; --accent: #8ab4f8; --on-accent: #0b1a33; --link: #8ab4f8;
+    --bad: #f2b8b5; --ok: #7fd68f;
+    --c0: #f2b8b5; --c1: #f6b87a; --c2: #e3c85c; --c3: #7fd68f;
+    --c4: #5fd4d9; --c5: #8ab4f8; --c6: #c3a6ff; --c7: #f59ac7;
   }
 }
 * { box-sizing: border-box; }
@@ -2992,12 +3000,11 @@ body {
   background: var(--bg); color: var(--fg);
   font: 16px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 }
-form { margin: 0; }
-header, #token-form, #send-form {
+form, p { margin: 0; }
+header, #token-form {
   display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; padding: .5rem .75rem;
+  border-bottom: 1px solid var(--line);
 }
-header, #token-form { border-bottom: 1px solid var(--line); }
-#send-form { border-top: 1px solid var(--line); flex-wrap: nowrap; }
 #room-form, .field { display: flex; align-items: center; gap: .35rem; }
 label { font-size: .9rem; color: var(--muted); }
 input, textarea, button {
@@ -3005,182 +3012,510 @@ input, textarea, button {
   border: 1px solid var(--line); border-radius: 6px; padding: .4rem .6rem; min-width: 0;
 }
 button { background: var(--accent); border-color: var(--accent); color: var(--on-accent); cursor: pointer; }
+button.quiet { background: transparent; color: var(--accent); }
+button.quiet[aria-pressed="true"]::before { content: "✓ "; }
+button.busy { opacity: .6; cursor: progress; }
 :focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
 #room { width: 8.5rem; }
 #name { width: 9rem; }
-#status { margin: 0 0 0 auto; font-size: .85rem; color: var(--muted); white-space: nowrap; }
+#state { margin-left: auto; font-size: .85rem; color: var(--muted); }
 #status::before {
   content: ""; display: inline-block; width: .6em; height: .6em; margin-right: .4em;
   border-radius: 50%; background: var(--muted);
 }
 #status.ok::before { background: var(--ok); }
 #status.bad::before { background: var(--bad); }
-main { flex: 1; overflow-y: auto; padding: .75rem; }
-#messages { list-style: none; margin: 0; padding: 0; display: flex; flex-direction: column; gap: .45rem; }
-#messages:empty::after { content: "No messages yet."; color: var(--muted); font-style: italic; }
-#messages li { background: var(--card); border-radius: 8px; padding: .35rem .65rem; }
-#messages li.mine { background: var(--mine); }
-.meta { display: flex; gap: .6rem; align-items: baseline; font-size: .8rem; color: var(--muted); }
+#pane { flex: 1; min-height: 0; position: relative; display: flex; }
+main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75rem; }
+#empty { margin: 2.5rem auto; max-width: 32rem; text-align: center; color: var(--muted); }
+#messages { list-style: none; margin: 0; padding: 0; }
+/* One message: an optional day divider across the list, then a bubble made of .meta and
+   .text in a column as wide as the text needs (up to a limit); own messages on the right. */
+#messages li { display: grid; grid-template-columns: fit-content(min(42rem, 88%)) 1fr; margin-top: .6rem; }
+#messages li.mine { grid-template-columns: 1fr fit-content(min(42rem, 88%)); }
+#messages li.cont { margin-top: .2rem; }
+.meta, .text { grid-column: 1; min-width: 0; background: var(--card); border: 1px solid var(--card); }
+.mine .meta, .mine .text { grid-column: 2; background: var(--mine); border-color: var(--mine-edge); }
+.meta {
+  display: flex; flex-wrap: wrap; align-items: baseline; gap: 0 .6rem; padding: .35rem .7rem 0;
+  border-bottom-style: none; border-radius: 12px 12px 0 0; font-size: .8rem; color: var(--muted);
+}
+.text {
+  padding: .1rem .7rem .4rem; border-top-style: none; border-radius: 0 0 12px 12px;
+  white-space: pre-wrap; overflow-wrap: anywhere;
+}
+.cont .text { border-top-style: solid; border-radius: 12px; padding-top: .4rem; }
+.text a { color: var(--link); }
 .author { font-weight: 600; color: var(--fg); overflow-wrap: anywhere; }
-.text { white-space: pre-wrap; overflow-wrap: anywhere; }
-#body { flex: 1; resize: none; overflow-y: auto; max-height: 8rem; }
-.anon { font-style: italic; font-weight: 400; }
-#note { margin: 0; padding: 0 .75rem; font-size: .85rem; color: var(--bad); }
+.anon { font-style: italic; font-weight: 400; color: var(--muted); }
+.c0 { color: var(--c0); } .c1 { color: var(--c1); } .c2 { color: var(--c2); } .c3 { color: var(--c3); }
+.c4 { color: var(--c4); } .c5 { color: var(--c5); } .c6 { color: var(--c6); } .c7 { color: var(--c7); }
+.day {
+  grid-column: 1 / -1; display: flex; align-items: center; gap: .75rem; margin: .9rem 0 .2rem;
+  font-size: .8rem; font-weight: 600; color: var(--muted);
+}
+.day::before, .day::after { content: ""; flex: 1; border-top: 1px solid var(--line); }
+#jump {
+  position: absolute; left: 50%; bottom: .75rem; transform: translateX(-50%);
+  border-radius: 999px; padding: .35rem 1rem; box-shadow: 0 2px 10px rgba(0, 0, 0, .3);
+}
+#note { padding: .3rem .75rem 0; font-size: .85rem; color: var(--bad); }
 #note:empty { display: none; }
-.sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap; }
+#send-form { padding: .5rem .75rem; padding-bottom: max(.5rem, env(safe-area-inset-bottom)); border-top: 1px solid var(--line); }
+#compose { display: flex; align-items: flex-end; gap: .5rem; }
+#body { flex: 1; resize: none; overflow-y: auto; max-height: 8rem; }
+#hint { display: flex; justify-content: space-between; gap: .75rem; margin-top: .25rem; font-size: .75rem; color: var(--muted); }
+#count { font-variant-numeric: tabular-nums; white-space: nowrap; color: var(--fg); font-weight: 600; }
+#count.over { color: var(--bad); }
+.sr, .cont .meta {
+  position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; border: 0;
+  overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap;
+}
 @media (max-width: 520px) {
   header { gap: .35rem .5rem; }
-  #status { flex-basis: 100%; margin: 0; }
-  #room, #name { width: 6rem; }
+  #room, #name { width: 6.5rem; }
+  #state { margin-left: 0; }
+  #messages li { grid-template-columns: fit-content(92%) 1fr; }
+  #messages li.mine { grid-template-columns: 1fr fit-content(92%); }
+  #body { max-height: 6.5rem; }
+}
+/* Touch targets of at least 44 px on phones and touch screens. */
+@media (max-width: 520px), (pointer: coarse) {
+  input, textarea, button { min-height: 44px; }
+  button { min-width: 44px; }
 }
 </style>
 </head>
-<body>
+<body data-max-body="{{MAX_BODY_BYTES}}" data-max-author="{{MAX_AUTHOR_CHARS}}">
 <header>
   <form id="room-form" autocomplete="off">
     <label for="room">Room</label>
-    <input id="room" maxlength="64" spellcheck="false" autocapitalize="off">
+    <input id="room" maxlength="64" spellcheck="false" autocapitalize="off" enterkeyhint="go">
     <button>Go</button>
   </form>
   <div class="field">
     <label for="name">Name</label>
-    <input id="name" maxlength="100" autocomplete="nickname" placeholder="anonymous">
+    <input id="name" autocomplete="nickname" placeholder="anonymous" dir="auto">
   </div>
-  <p id="status" role="status">connecting</p>
+  <button id="notify" type="button" class="quiet" aria-pressed="false" hidden
+    title="Show a desktop notification for new messages while this tab is in the background">Notify me</button>
+  <p id="state"><span id="status" role="status">connecting</span> <span id="countdown" aria-hidden="true"></span></p>
 </header>
 <form id="token-form" hidden>
-  <label for="token">This server needs an access token</label>
+  <label for="token" id="token-label">This server needs an access token</label>
   <input id="token" type="password" autocomplete="current-password">
   <button>Save</button>
 </form>
-<main id="log" tabindex="0" aria-label="Messages">
-  <ol id="messages" aria-live="polite"></ol>
-</main>
+<div id="pane">
+  <main id="log" tabindex="0" aria-label="Conversation">
+    <p id="empty">Connecting…</p>
+    <ol id="messages" role="log" aria-live="off" aria-label="Messages"></ol>
+  </main>
+  <button id="jump" type="button" hidden><span id="jump-text">New messages</span> <span aria-hidden="true">↓</span></button>
+</div>
+<div id="announce" class="sr" aria-live="polite"></div>
 <p id="note" role="alert"></p>
 <form id="send-form" autocomplete="off">
   <label for="body" class="sr">Message</label>
-  <textarea id="body" rows="1" maxlength="10000" placeholder="Message" title="Enter sends, Shift+Enter adds a new line"></textarea>
-  <button>Send</button>
+  <div id="compose">
+    <textarea id="body" rows="1" placeholder="Message" dir="auto" aria-describedby="hint"></textarea>
+    <button id="send">Send</button>
+  </div>
+  <p id="hint"><span id="hint-text">Enter sends, Shift+Enter adds a line</span> <span id="count" hidden></span></p>
 </form>
 <script>
 'use strict';
 (function () {
+  // This script lives in a Python string: it uses no backslashes (see clean() and linkify()).
   const $ = (id) => document.getElementById(id);
-  const list = $('messages'), log = $('log'), statusEl = $('status'), note = $('note');
-  const roomInput = $('room'), nameInput = $('name'), bodyInput = $('body');
-  const tokenForm = $('token-form'), tokenInput = $('token');
+  const list = $('messages'), log = $('log'), emptyEl = $('empty'), announcer = $('announce');
+  const jump = $('jump'), jumpText = $('jump-text'), statusEl = $('status'), countdownEl = $('countdown');
+  const roomInput = $('room'), nameInput = $('name'), bodyInput = $('body'), note = $('note');
+  const sendForm = $('send-form'), sendButton = $('send'), counter = $('count'), hint = $('hint-text');
+  const tokenForm = $('token-form'), tokenInput = $('token'), tokenLabel = $('token-label');
+  const notifyButton = $('notify');
+
+  // The server's limits, written into <body data-...> by the server.
+  const MAX_BODY = Number(document.body.dataset.maxBody) || 0;      // bytes of the whole JSON request
+  const MAX_AUTHOR = Number(document.body.dataset.maxAuthor) || 0;  // characters of a name
   const ROOM_RE = /^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$/;
-  const LONG_POLL = 25, MAX_BACKOFF = 30000, RECENT = 100;
+  const POLL_S = 25, HIDDEN_POLL_S = 45;   // long-poll waits; a hidden tab asks less often (server max 50)
+  const RECENT = 100;                      // messages shown when a room opens
+  const MAX_SHOWN = 1000;                  // the oldest go once more are shown (pages stay open all day)
+  const MAX_BACKOFF_MS = 30000, MAX_RETRY_AFTER_MS = 300000;
+  const GROUP_MS = 5 * 60 * 1000;          // an author's messages this close share one header
+  const COUNTER_FROM = 0.8;                // the byte counter shows past this share of the limit
+  const COLOURS = 8;                       // .c0 to .c7 in the style sheet
+  const touch = window.matchMedia('(pointer: coarse)');
+  const utf8 = new TextEncoder();
+
+  const memory = {};
   const saved = {
-    get(k) { try { return localStorage.getItem('chat.' + k) || ''; } catch (e) { return ''; } },
-    set(k, v) { try { if (v) localStorage.setItem('chat.' + k, v); else localStorage.removeItem('chat.' + k); } catch (e) { /* private mode */ } }
+    get(k) { try { return localStorage.getItem('chat.' + k) || ''; } catch (e) { return memory[k] || ''; } },
+    set(k, v) {
+      memory[k] = v;
+      try { if (v) localStorage.setItem('chat.' + k, v); else localStorage.removeItem('chat.' + k); } catch (e) { /* private mode */ }
+    }
   };
-  let room = 'default', cursor = null, seen = new Set(), gen = 0, ctrl = null, live = false;
+
+  // A random id for this browser, sent with every post. The server stores and shows only a
+  // hash of it (the message's "client" tag), so nobody can post as us; we learn our own tag
+  // from the answer to our first post. "Mine" means "has our tag", whatever the name.
+  let client = saved.get('client'), myTag = saved.get('tag');
+  if (!/^[A-Za-z0-9_-]{8,64}$/.test(client)) {
+    const abc = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_';
+    client = Array.from(crypto.getRandomValues(new Uint8Array(22)), (b) => abc[b & 63]).join('');
+    myTag = '';
+    saved.set('client', client);
+    saved.set('tag', '');
+  }
+
+  let room = 'default', cursor = null, loaded = false, byId = new Map();
+  let gen = 0, ctrl = null, state = 'connecting', unread = 0, sending = false;
+  let stick = true, jumpCount = 0;        // stick: the reader is at the bottom of the list
+  const info = new WeakMap();              // <li> -> {author, client, t, day}, for grouping
 
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-  const roomUrl = (r) => '/rooms/' + encodeURIComponent(r) + '/messages';
-  function setStatus(text, cls) { statusEl.textContent = text; statusEl.className = cls || ''; }
+  // Relative to the page's own URL, so the page also works under a proxy's path prefix.
+  const roomUrl = (r) => 'rooms/' + encodeURIComponent(r) + '/messages';
+  function clip(s, n) {  // by code points, so no emoji is cut in half
+    const chars = Array.from(s);
+    return chars.length > n ? chars.slice(0, n - 1).join('') + '…' : s;
+  }
+  const say = (text) => { note.textContent = text; };
+  function el(tag, cls) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    return e;
+  }
   function headers(extra) {
     const h = Object.assign({}, extra), token = saved.get('token');
     if (token) h.Authorization = 'Bearer ' + token;
     return h;
   }
 
-  function when(iso) {
-    const t = document.createElement('time'), d = new Date(iso);
-    if (isNaN(d.getTime())) return t;
-    const today = d.toDateString() === new Date().toDateString();
-    t.dateTime = iso;
-    t.title = d.toLocaleString();
-    t.textContent = today ? d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
-      : d.toLocaleString([], { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit' });
-    return t;
+  // -- connection state: the status line (a live region) and the empty list's text --
+
+  const STATES = {  // name: [status line, text shown while the list is empty, dot]
+    connecting: ['connecting', 'Connecting…', ''],
+    connected: ['connected', 'No messages yet. Say hello!', 'ok'],
+    offline: ["can't reach the server; reconnecting", "Can't reach the server. The page keeps trying.", 'bad'],
+    busy: ['server busy; reconnecting', 'The server is busy. The page keeps trying.', 'bad'],
+    lost: ['connection problem; reconnecting', 'The connection to the server has a problem. The page keeps trying.', 'bad'],
+    host: ['address refused; retrying', 'The chat server does not accept this web address. Ask whoever runs it.', 'bad'],
+    needed: ['access token needed', 'This server needs an access token: enter it above to see the messages.', 'bad'],
+    refused: ['access token refused', 'The access token was refused: check it and enter it again above.', 'bad']
+  };
+  function setState(name) {
+    state = name;
+    // Written only when it changes, so a screen reader hears "reconnecting" once; the
+    // countdown beside it is aria-hidden.
+    if (statusEl.textContent !== STATES[name][0]) statusEl.textContent = STATES[name][0];
+    statusEl.className = STATES[name][2];
+    countdownEl.textContent = '';
+    showEmpty();
+  }
+  function showEmpty() {
+    emptyEl.hidden = list.firstElementChild !== null;
+    emptyEl.textContent = state === 'connected' && !loaded ? 'Loading…' : STATES[state][1];
   }
 
-  // Render one message (as text only), once per id, kept in id (= time) order.
+  // -- rendering (DOM nodes and text only) --
+
+  function dayLabel(t) {
+    const d = new Date(t), now = new Date(), yesterday = new Date();
+    yesterday.setDate(now.getDate() - 1);
+    if (d.toDateString() === now.toDateString()) return 'Today';
+    if (d.toDateString() === yesterday.toDateString()) return 'Yesterday';
+    const options = { weekday: 'long', day: 'numeric', month: 'long' };
+    if (d.getFullYear() !== now.getFullYear()) options.year = 'numeric';
+    return d.toLocaleDateString(undefined, options);
+  }
+  function when(iso, t) {
+    const time = el('time');
+    if (isNaN(t)) return time;
+    time.dateTime = iso;
+    time.title = new Date(t).toLocaleString();
+    time.textContent = new Date(t).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    return time;
+  }
+  function colourOf(name) {
+    let h = 0;
+    for (let i = 0; i < name.length; i++) h = (Math.imul(h, 31) + name.charCodeAt(i)) >>> 0;
+    return 'c' + (h % COLOURS);
+  }
+
+  // Append `text` to `parent`, with each http(s) URL as a link. Only those two schemes are
+  // matched, so javascript:, data: and the rest stay text. Punctuation that usually ends a
+  // sentence is left out of the link, and so is a ")" that does not close a "(" in it.
+  const URL_START = /https?:[/][/]/gi;
+  const TRAILING = `.,;:!?'")]}`;
+  const unbalanced = (s) => s.split(')').length > s.split('(').length;
+  function linkify(parent, text) {
+    let done = 0, m;
+    URL_START.lastIndex = 0;
+    while ((m = URL_START.exec(text))) {
+      const start = m.index;
+      if (start > 0 && /[A-Za-z0-9]/.test(text[start - 1])) continue;
+      let end = start;
+      while (end < text.length && text[end].trim() !== '' && !'<>"'.includes(text[end])) end++;
+      while (end > start && TRAILING.includes(text[end - 1]) &&
+             (text[end - 1] !== ')' || unbalanced(text.slice(start, end)))) end--;
+      let url = null;
+      try { url = new URL(text.slice(start, end)); } catch (e) { url = null; }
+      if (!url || !url.hostname) continue;
+      if (start > done) parent.append(text.slice(done, start));
+      const a = el('a');
+      a.href = url.href;
+      a.textContent = text.slice(start, end);
+      a.target = '_blank';
+      a.rel = 'noopener noreferrer';
+      parent.append(a);
+      done = end;
+      URL_START.lastIndex = end;
+    }
+    if (done < text.length) parent.append(text.slice(done));
+  }
+
+  const isMine = (m) => !!myTag && m.client === myTag;
+
+  // Show one message, once per id, in id (= time) order; null if it was not added.
   function add(m) {
-    if (!m || typeof m.id !== 'string' || seen.has(m.id) || (m.room && m.room !== room)) return;
-    seen.add(m.id);
-    const li = document.createElement('li'), meta = document.createElement('div');
-    const who = document.createElement('span'), text = document.createElement('div');
+    if (!m || typeof m.id !== 'string' || byId.has(m.id) || (m.room && m.room !== room)) return null;
+    const t = Date.parse(m.created_at), author = typeof m.author === 'string' ? m.author : '';
+    const li = el('li'), meta = el('div', 'meta'), text = el('div', 'text');
+    const who = el('span', author ? 'author ' + colourOf(author) : 'author anon');
     li.dataset.id = m.id;
-    if (m.author && m.author === nameInput.value.trim()) li.className = 'mine';
-    meta.className = 'meta';
-    who.className = m.author ? 'author' : 'author anon';
-    who.textContent = m.author || 'anonymous';
-    meta.append(who, when(m.created_at));
-    text.className = 'text';
-    text.textContent = m.body;
+    if (m.client) li.dataset.client = m.client;
+    if (isMine(m)) li.classList.add('mine');
+    info.set(li, { author: author, client: m.client || '', t: t, day: isNaN(t) ? '' : new Date(t).toDateString() });
+    who.dir = 'auto';
+    who.textContent = author || 'anonymous';
+    meta.append(who, when(m.created_at, t));
+    text.dir = 'auto';
+    linkify(text, String(m.body));
     li.append(meta, text);
-    let before = null;
-    for (let el = list.lastElementChild; el && el.dataset.id > m.id; el = el.previousElementSibling) before = el;
-    const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 60;
-    list.insertBefore(li, before);
-    if (atBottom) log.scrollTop = log.scrollHeight;
+    let next = null;
+    for (let e = list.lastElementChild; e && e.dataset.id > m.id; e = e.previousElementSibling) next = e;
+    list.insertBefore(li, next);
+    decorate(li);
+    if (next) decorate(next);
+    byId.set(m.id, li);
+    return li;
   }
 
-  function reset() { cursor = null; seen = new Set(); list.textContent = ''; }
+  // A day divider above the first message of each day, and one header for a run of an
+  // author's messages. Both depend on the message before, so they are worked out again for
+  // a message and for the one after it whenever a message is inserted.
+  function decorate(li) {
+    const me = info.get(li), prev = li.previousElementSibling && info.get(li.previousElementSibling);
+    const newDay = !prev || prev.day !== me.day;
+    let day = li.firstElementChild.classList.contains('day') ? li.firstElementChild : null;
+    if (newDay && !day) {
+      day = el('div', 'day');
+      li.prepend(day);
+    } else if (!newDay && day) {
+      day.remove();
+      day = null;
+    }
+    if (day) day.textContent = me.day ? dayLabel(me.t) : '';
+    li.classList.toggle('cont', !newDay && prev.author === me.author && prev.client === me.client &&
+                        me.t - prev.t < GROUP_MS);
+  }
+  let today = new Date().toDateString();
+  setInterval(() => {  // "Today" becomes "Yesterday" at midnight in a page left open
+    if (new Date().toDateString() === today) return;
+    today = new Date().toDateString();
+    for (const day of list.querySelectorAll('.day')) day.textContent = dayLabel(info.get(day.parentElement).t);
+  }, 60000);
 
-  // One long-polling loop per generation; a newer generation (room switch, hidden tab) ends it.
+  // Only while the reader is at the bottom: removing from the top moves what they read.
+  function trim() {
+    if (list.childElementCount <= MAX_SHOWN) return;
+    while (list.childElementCount > MAX_SHOWN) {
+      byId.delete(list.firstElementChild.dataset.id);
+      list.firstElementChild.remove();
+    }
+    decorate(list.firstElementChild);
+  }
+
+  function learnTag(tag) {
+    if (typeof tag !== 'string' || !tag || tag === myTag) return;
+    myTag = tag;
+    saved.set('tag', tag);
+    for (const li of list.children) li.classList.toggle('mine', li.dataset.client === myTag);
+  }
+
+  // The messages of one answer. A room's first page (`history`) is just shown; new messages
+  // from others are announced, counted in the title while the tab is hidden, notified if
+  // asked for, and offered with the "new messages" button when the reader has scrolled up.
+  function addAll(messages, history) {
+    const added = messages.filter((m) => add(m) !== null);
+    showEmpty();
+    if (!added.length) return;
+    if (history || stick) {
+      trim();
+      scrollToBottom();
+    }
+    if (history) return;
+    const news = added.filter((m) => !isMine(m));
+    if (!news.length) return;
+    if (!stick) {
+      jumpCount += news.length;
+      jumpText.textContent = jumpCount === 1 ? '1 new message' : jumpCount + ' new messages';
+      jump.hidden = false;
+    }
+    announce(news);
+    if (document.visibilityState === 'hidden') {
+      unread += news.length;
+      updateTitle();
+      notify(news);
+    }
+  }
+
+  // New messages are read out from this polite region; the list itself is role="log" with
+  // aria-live="off", so opening a room does not read out its last 100 messages.
+  function announce(messages) {
+    const lines = messages.length > 3 ? [messages.length + ' new messages']
+      : messages.map((m) => (m.author || 'anonymous') + ': ' + clip(String(m.body), 300));
+    for (const line of lines) {
+      const p = el('p');
+      p.textContent = line;
+      announcer.append(p);
+    }
+    while (announcer.childElementCount > 3) announcer.firstElementChild.remove();
+  }
+
+  function updateTitle() { document.title = (unread ? '(' + unread + ') ' : '') + room + ' - chat'; }
+
+  // -- scrolling --
+
+  const nearBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 60;
+  function scrollToBottom() {
+    log.scrollTop = log.scrollHeight;
+    stick = true;
+    jumpCount = 0;
+    jump.hidden = true;
+  }
+  log.addEventListener('scroll', () => {
+    stick = nearBottom();
+    if (stick) { jumpCount = 0; jump.hidden = true; }
+  }, { passive: true });
+  // Keep the newest message in view when the list's box shrinks (the message box grows, a
+  // phone keyboard opens).
+  new ResizeObserver(() => { if (stick) log.scrollTop = log.scrollHeight; }).observe(log);
+  jump.addEventListener('click', () => { scrollToBottom(); bodyInput.focus({ preventScroll: true }); });
+
+  // -- desktop notifications (asked for on a click only; shown only while the tab is hidden) --
+
+  const canNotify = 'Notification' in window;
+  const notifying = () => canNotify && Notification.permission === 'granted' && saved.get('notify') === 'on';
+  function showNotifyButton() {
+    notifyButton.hidden = !canNotify || Notification.permission === 'denied';
+    notifyButton.setAttribute('aria-pressed', String(notifying()));
+  }
+  notifyButton.addEventListener('click', async () => {
+    if (notifying()) {
+      saved.set('notify', '');
+    } else {
+      const answer = Notification.permission === 'granted' ? 'granted' : await Notification.requestPermission();
+      saved.set('notify', answer === 'granted' ? 'on' : '');
+      if (answer === 'denied') say('Notifications are blocked for this page in the browser settings.');
+    }
+    showNotifyButton();
+  });
+  function notify(messages) {
+    if (!notifying()) return;
+    const last = messages[messages.length - 1];
+    const title = messages.length > 1 ? messages.length + ' new messages in ' + room
+      : (last.author || 'anonymous') + ' in ' + room;
+    try {
+      const n = new Notification(title, { body: clip(String(last.body), 200), tag: 'chat-' + room });
+      n.addEventListener('click', () => { window.focus(); n.close(); });
+    } catch (e) { /* Chrome on Android allows notifications from service workers only */ }
+  }
+
+  // -- following the room --
+
+  function reset() {
+    cursor = null;
+    loaded = false;
+    byId = new Map();
+    list.textContent = '';
+    scrollToBottom();
+    showEmpty();
+  }
+
+  // One long-polling loop per generation; a newer generation (room switch, token) ends it.
   async function poll(g, signal) {
     let fails = 0;
     while (g === gen) {
+      const wait = state !== 'connected' ? 0 : document.visibilityState === 'hidden' ? HIDDEN_POLL_S : POLL_S;
+      const q = (cursor ? '?after=' + encodeURIComponent(cursor) : '?tail=' + RECENT) + '&timeout=' + wait;
+      const withToken = !!saved.get('token');
       let res = null, data = null;
       try {
-        const q = '?timeout=' + (live ? LONG_POLL : 0) + (cursor ? '&after=' + encodeURIComponent(cursor) : '&tail=' + RECENT);
         res = await fetch(roomUrl(room) + q, { headers: headers(), signal: signal, cache: 'no-store' });
         data = await res.json().catch(() => null);
       } catch (e) { res = null; }
       if (g !== gen) return;
       if (res && res.ok && Array.isArray(data)) {
+        const history = !loaded;
         fails = 0;
-        live = true;
-        setStatus('connected', 'ok');
-        data.forEach(add);
+        loaded = true;
+        setState('connected');
+        addAll(data, history);
         if (data.length) cursor = data[data.length - 1].id;
         continue;
       }
-      if (res && (res.status === 410 || (res.status === 400 && data && 'latest' in data))) {
-        reset();  // cursor too old, or from before a server restart: reload the room from scratch
+      if (res && (res.status === 410 || (res.status === 400 && data && typeof data === 'object' && 'latest' in data))) {
+        reset();  // the cursor is older than what is kept, or from before a restart: reload the room
         continue;
       }
-      if (res && res.status === 401) { live = false; askToken(); return; }
-      live = false;
-      let wait = Math.min(MAX_BACKOFF, 1000 * Math.pow(2, fails++)) * (0.5 + Math.random() / 2);
+      if (res && res.status === 401) { askToken(withToken); return; }
+      // Anything else: wait (capped exponential backoff with jitter, at least Retry-After), retry.
+      let ms = Math.min(MAX_BACKOFF_MS, 1000 * Math.pow(2, fails++)) * (0.5 + Math.random() / 2);
       const retryAfter = res ? Number(res.headers.get('Retry-After')) : 0;
-      if (retryAfter > 0) wait = Math.max(wait, Math.min(retryAfter * 1000, MAX_BACKOFF));
-      const end = Date.now() + wait;
+      if (retryAfter > 0) ms = Math.max(ms, Math.min(retryAfter * 1000, MAX_RETRY_AFTER_MS));
+      setState(!res ? 'offline' : res.status === 421 ? 'host' : res.status === 429 || res.status === 503 ? 'busy' : 'lost');
+      const end = Date.now() + ms;
       while (g === gen && Date.now() < end) {
-        setStatus('reconnecting in ' + Math.ceil((end - Date.now()) / 1000) + ' s', 'bad');
+        countdownEl.textContent = 'in ' + Math.ceil((end - Date.now()) / 1000) + ' s';
         await sleep(Math.min(1000, end - Date.now()));
       }
     }
   }
 
-  function stop() { gen++; if (ctrl) ctrl.abort(); ctrl = null; live = false; }
+  function stop() { gen++; if (ctrl) ctrl.abort(); ctrl = null; }
   function start() {
     stop();
     if (!tokenForm.hidden) return;
-    if (document.visibilityState === 'hidden') { setStatus('paused while hidden'); return; }
     ctrl = new AbortController();
-    setStatus('connecting');
+    setState('connecting');
     poll(gen, ctrl.signal);
   }
 
-  function askToken() {
+  // `refused`: the request that got the 401 carried a token.
+  function askToken(refused) {
     stop();
-    setStatus('access token needed', 'bad');
+    saved.set('token', '');
+    setState(refused ? 'refused' : 'needed');
+    tokenLabel.textContent = refused ? 'That access token was refused; enter the right one' : 'This server needs an access token';
     if (tokenForm.hidden) {
-      saved.set('token', '');
       tokenForm.hidden = false;
       tokenInput.value = '';
-      tokenInput.focus();
     }
+    tokenInput.focus();
   }
   tokenForm.addEventListener('submit', (e) => {
     e.preventDefault();
     const token = tokenInput.value.trim();
-    if (!token) { tokenInput.focus(); return; }
+    if (!/^[!-~]+$/.test(token)) {  // it travels in a header: visible ASCII only
+      say(token ? 'An access token has no spaces and no accented letters.' : '');
+      tokenInput.focus();
+      return;
+    }
+    say('');
     saved.set('token', token);
     tokenForm.hidden = true;
     bodyInput.focus();
@@ -3190,55 +3525,174 @@ main { flex: 1; overflow-y: auto; padding: .75rem; }
   function openRoom() {
     let r = '';
     try { r = decodeURIComponent(location.hash.slice(1)); } catch (e) { r = ''; }
-    if (r && !ROOM_RE.test(r)) { note.textContent = 'Not a valid room name: ' + r; r = ''; }
+    say('');
+    if (r && !ROOM_RE.test(r)) { say('“' + clip(r, 40) + '” is not a room name; this is the default room.'); r = ''; }
     room = r || 'default';
     roomInput.value = room;
-    document.title = room + ' - chat';
+    unread = 0;
+    updateTitle();
     reset();
     start();
+    if (tokenForm.hidden) bodyInput.focus();
   }
   window.addEventListener('hashchange', openRoom);
   $('room-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const r = roomInput.value.trim();
     if (!ROOM_RE.test(r)) {
-      note.textContent = 'Room names are 1-64 letters, digits, _ - or . (not starting with .)';
+      say('Room names are 1 to 64 letters, digits, _ - or . and do not start with a dot.');
       roomInput.focus();
       return;
     }
-    note.textContent = '';
-    if (r !== room) location.hash = encodeURIComponent(r);
+    say('');
+    if (r !== room) location.hash = encodeURIComponent(r); else bodyInput.focus();
   });
 
-  async function send() {
-    const body = bodyInput.value, author = nameInput.value.trim(), target = room;
-    if (!body.trim()) return;
-    try {
-      const res = await fetch(roomUrl(target), {
-        method: 'POST', headers: headers({ 'Content-Type': 'application/json' }),
-        body: JSON.stringify(author ? { body: body, author: author } : { body: body })
-      });
-      const data = await res.json().catch(() => null);
-      if (res.status === 401) { askToken(); note.textContent = 'Enter the access token, then send again.'; return; }
-      if (!res.ok) throw new Error((data && data.error) || 'HTTP ' + res.status);
-      note.textContent = '';
-      if (bodyInput.value === body) bodyInput.value = '';
-      if (target === room) add(data);  // the poll will bring it too; add() ignores the duplicate
-    } catch (err) {
-      note.textContent = 'Not sent: ' + err.message;
+  // -- sending --
+
+  // Drop what the server refuses and nobody can see: control characters (a text keeps tab
+  // and line breaks), lone surrogates, and in names line separators and direction overrides.
+  // By code point, since this script has no backslashes for a regular expression.
+  function clean(text, isName) {
+    return Array.from(text).filter((ch) => {
+      const c = ch.codePointAt(0);
+      if (c >= 0xD800 && c <= 0xDFFF) return false;
+      if (c < 32 || (c >= 0x7F && c <= 0x9F)) return !isName && (c === 9 || c === 10 || c === 13);
+      return !isName || !(c === 0x2028 || c === 0x2029 || (c >= 0x202A && c <= 0x202E) || (c >= 0x2066 && c <= 0x2069));
+    }).join('');
+  }
+  function authorName() {
+    const name = clean(nameInput.value, true).trim();
+    return MAX_AUTHOR ? Array.from(name).slice(0, MAX_AUTHOR).join('').trim() : name;
+  }
+  // The request body exactly as it is sent: the server's limit is on its UTF-8 bytes.
+  function payload(text) {
+    const p = { body: clean(text, false) }, author = authorName();
+    if (author) p.author = author;
+    p.client = client;
+    return JSON.stringify(p);
+  }
+  function updateCounter() {
+    if (!MAX_BODY) return;
+    const left = MAX_BODY - utf8.encode(payload(bodyInput.value)).length;
+    counter.hidden = left > MAX_BODY * (1 - COUNTER_FROM);
+    counter.textContent = left < 0 ? -left + ' over the limit' : left + ' left';
+    counter.classList.toggle('over', left < 0);
+  }
+  // Grow the box with its text, up to its CSS max-height (then it scrolls).
+  function fitBox() {
+    bodyInput.style.height = '';
+    if (bodyInput.scrollHeight > bodyInput.clientHeight) {
+      bodyInput.style.height = bodyInput.scrollHeight + bodyInput.offsetHeight - bodyInput.clientHeight + 'px';
     }
   }
-  $('send-form').addEventListener('submit', (e) => { e.preventDefault(); send(); });
-  bodyInput.addEventListener('keydown', (e) => {
-    if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
-  });
+  function showOwn(li) {
+    if (li === list.lastElementChild) scrollToBottom(); else li.scrollIntoView({ block: 'nearest' });
+  }
 
-  nameInput.value = saved.get('name');
-  nameInput.addEventListener('input', () => saved.set('name', nameInput.value.trim()));
-  document.addEventListener('visibilitychange', () => {
-    if (document.visibilityState === 'hidden') { stop(); setStatus('paused while hidden'); } else start();
+  function sendError(res, timedOut) {
+    if (timedOut) return 'No answer from the server: the message may not have been sent.';
+    if (!res) return "Not sent: can't reach the server. Check your connection, then try again.";
+    const wait = Number(res.headers.get('Retry-After'));
+    const again = wait > 0 ? ' Try again in ' + wait + (wait === 1 ? ' second.' : ' seconds.') : ' Try again in a moment.';
+    switch (res.status) {
+      case 400: return 'Not sent: the server did not accept this message.';
+      case 403: return 'Not sent: the chat server does not take messages from this page’s address.';
+      case 413: return 'Not sent: the message is too long. Shorten it, then try again.';
+      case 421: return 'Not sent: the chat server does not accept this web address.';
+      case 429: return 'Not sent: you are sending messages too quickly.' + again;
+      case 503: return 'Not sent: the server is busy and could not take the message.' + again;
+      default: return 'Not sent: the server had a problem (error ' + res.status + ').' + again;
+    }
+  }
+
+  async function send() {
+    if (sending) return;  // one post at a time: Enter pressed again meanwhile does nothing
+    const text = bodyInput.value, target = room;
+    if (!text.trim()) { bodyInput.focus(); return; }
+    const json = payload(text);
+    if (MAX_BODY && utf8.encode(json).length > MAX_BODY) {
+      say('This message is too long to send. Shorten it until the counter says how many are left.');
+      return;
+    }
+    const withToken = !!saved.get('token'), abort = new AbortController();
+    let res = null, data = null, timedOut = false;
+    const timer = setTimeout(() => { timedOut = true; abort.abort(); }, 30000);
+    sending = true;
+    sendButton.classList.add('busy');
+    sendForm.setAttribute('aria-busy', 'true');
+    try {
+      res = await fetch(roomUrl(target), {
+        method: 'POST', headers: headers({ 'Content-Type': 'application/json' }), body: json, signal: abort.signal
+      });
+      data = await res.json().catch(() => null);
+    } catch (e) { res = null; }
+    clearTimeout(timer);
+    sending = false;
+    sendButton.classList.remove('busy');
+    sendForm.removeAttribute('aria-busy');
+    if (res && res.status === 201 && data && typeof data.id === 'string') {
+      say('');
+      learnTag(data.client);
+      if (bodyInput.value === text) {
+        bodyInput.value = '';
+        fitBox();
+        updateCounter();
+      }
+      if (target === room) {
+        add(data);  // the poll brings it too; add() ignores the second copy
+        showEmpty();
+        if (byId.has(data.id)) showOwn(byId.get(data.id));
+      }
+      bodyInput.focus();
+      return;
+    }
+    if (res && res.status === 401) {
+      askToken(withToken);
+      say('Enter the access token, then send the message again.');
+      return;
+    }
+    say(sendError(res, timedOut));
+    bodyInput.focus();
+  }
+
+  function showHint() {
+    hint.textContent = touch.matches ? 'Send with the button; Enter adds a line' : 'Enter sends, Shift+Enter adds a line';
+    bodyInput.enterKeyHint = touch.matches ? 'enter' : 'send';
+  }
+  sendForm.addEventListener('submit', (e) => { e.preventDefault(); send(); });
+  bodyInput.addEventListener('keydown', (e) => {
+    // With a touch screen as the main pointer, Enter adds a line (phone keyboards have no
+    // Shift+Enter) and the Send button sends. keyCode 229: Safari's Enter that ends an IME
+    // composition, which it does not flag as isComposing.
+    if (e.key !== 'Enter' || e.shiftKey || e.isComposing || e.keyCode === 229 || touch.matches) return;
+    e.preventDefault();
+    send();
   });
-  window.addEventListener('online', () => { if (!live) start(); });
+  bodyInput.addEventListener('input', () => { fitBox(); updateCounter(); });
+  // A press on Send leaves the focus (and a phone's keyboard) in the message box.
+  sendButton.addEventListener('mousedown', (e) => e.preventDefault());
+  touch.addEventListener('change', showHint);
+
+  if (MAX_AUTHOR) nameInput.maxLength = MAX_AUTHOR;
+  nameInput.value = Array.from(saved.get('name')).slice(0, MAX_AUTHOR || undefined).join('');
+  nameInput.addEventListener('input', () => { saved.set('name', nameInput.value.trim()); updateCounter(); });
+
+  document.addEventListener('visibilitychange', () => {
+    // A hidden tab keeps following the room (its polls just wait longer); being seen clears
+    // the unread count, and ends a wait for a network that is back.
+    if (document.visibilityState === 'hidden') return;
+    unread = 0;
+    updateTitle();
+    if (state === 'offline') start();
+  });
+  // A parked long poll would not notice a lost network for minutes: start over at once.
+  window.addEventListener('offline', () => { if (tokenForm.hidden) start(); });
+  window.addEventListener('online', () => { if (state === 'offline') start(); });
+
+  showHint();
+  showNotifyButton();
+  updateCounter();
   openRoom();
 }());
 </script>

@@ -3,11 +3,13 @@
 Run with:  python -m unittest -v test_chat_server
 """
 
+import ast
 import base64
 import collections
 import concurrent.futures
 import email.utils
 import http.client
+import http.server
 import io
 import json
 import os
@@ -3022,7 +3024,7 @@ class HeadersTest(ServerTestCase):
         self.assertIn("default-src 'none'", csp)
         self.assertIn("script-src 'sha256-", csp)
         self.assertNotIn("unsafe-inline", csp)
-        self.assertNotRegex(body.decode(), r"(?i)<script[^>]+src=|<link|https?://|\son[a-z]+=")
+        self.assertNotRegex(body.decode(), r"(?i)<script[^>]+src=|<link(?! rel=\"icon\" href=\"data:,\">)|https?://|\son[a-z]+=")
 
 
 # ---------------------------------------------------------------------------
@@ -3118,7 +3120,7 @@ class BenchmarkTest(unittest.TestCase):
         out = proc.stdout.decode("utf-8", "replace")
         self.assertEqual(proc.returncode, 0, out[-3000:] + proc.stderr.decode("utf-8", "replace")[-2000:])
         seen = {json.loads(line)["scenario"] for line in out.splitlines() if line.startswith("{")}
-        self.assertEqual(seen, {"wake", "fanout", "idle", "post", "order"})
+        self.assertEqual(seen, {"wake", "fanout", "idle", "post", "order", "stream"})
 
 
 # ---------------------------------------------------------------------------
@@ -3690,54 +3692,6 @@ class BrowserTest(unittest.TestCase):
         self.open(self.a, "long")
         self.wait_bodies(self.a, bodies[-100:], timeout=5)
 
-    def test_catching_up_fetches_more_than_one_answer(self):
-        self.open(self.a, "catchup")
-        self.post("catchup", "first")
-        self.wait_bodies(self.a, ["first"])
-        self.hide(self.a)
-        bodies = ["m%03d" % i for i in range(250)]      # more than one answer of 100
-        for body in bodies:
-            self.post("catchup", body)
-        self.show(self.a)
-        self.wait_bodies(self.a, ["first"] + bodies, timeout=5)
-
-    def test_hidden_tab_stops_polling_and_catches_up(self):
-        self.open(self.a, "hide")
-        self.post("hide", "one")
-        self.wait_bodies(self.a, ["one"])
-        self.hide(self.a)
-        # The aborted long poll hangs up, so the server stops holding it.
-        _wait_for(lambda: self.stats()["waiters"] == 0, 3, "no parked long poll")
-        self.post("hide", "two")
-        time.sleep(0.3)  # short negative check: nothing arrives while hidden
-        self.assertEqual(self.a.bodies(), ["one"])
-        self.show(self.a)
-        self.wait_bodies(self.a, ["one", "two"])
-        _wait_for(lambda: self.a.status() == "connected", 2, "connected again")
-
-    def hide(self, browser):
-        browser.js("Object.defineProperty(document, 'visibilityState', {configurable: true, get: function () {"
-                   " return 'hidden'; }}); document.dispatchEvent(new Event('visibilitychange'));")
-        _wait_for(lambda: "paused" in browser.status(), 2, "paused while hidden")
-
-    def show(self, browser):
-        browser.js("delete document.visibilityState; document.dispatchEvent(new Event('visibilitychange'));")
-
-    def test_cursor_too_old_reloads_the_room(self):
-        _stop_server(self.server, self.thread)
-        self.server = None
-        self.server, self.thread = _start_server(self.port, history=5)  # keep 5 messages per room
-        self.open(self.a, "gone")
-        self.post("gone", "m0")
-        self.wait_bodies(self.a, ["m0"])
-        self.hide(self.a)
-        bodies = ["m%d" % i for i in range(1, 11)]
-        for body in bodies:
-            self.post("gone", body)
-        self.show(self.a)  # the cursor m0 is no longer kept: 410, and the page reloads what is kept
-        self.wait_bodies(self.a, bodies[-5:])
-        _wait_for(lambda: self.a.status() == "connected", 2, "connected again")
-
     def test_reconnects_after_server_restart(self):
         self.open(self.a, "phoenix")
         self.post("phoenix", "before restart")
@@ -3772,6 +3726,1125 @@ class BrowserTest(unittest.TestCase):
         self.a.get(self.base + "/#vault")  # the token is remembered
         self.wait_bodies(self.a, ["secret hello", "sent with the token"])
         self.assertTrue(self.a.js("return document.getElementById('token-form').hidden;"))
+
+
+
+# ---------------------------------------------------------------------------
+# The chat page as people use it all day, cross-site requests and EventSource, in Chromium
+# ---------------------------------------------------------------------------
+
+_SHIFT, _RELEASE = "\ue008", "\ue000"     # WebDriver keys: Shift (held until _RELEASE)
+_SHIFT_ENTER = _SHIFT + _ENTER + _RELEASE
+# Words of the API (and of browsers) that the page must never show: it says things its own way.
+_API_WORDS = ("'author'", "'body'", "bytes", "--", "127.0.0.1", "Failed to fetch", "TypeError",
+              "HTTP", "{", "Retry-After", "rate", "max-rooms")
+
+
+def _contrast(rgb1, rgb2):
+    """WCAG contrast ratio of two CSS colours given as 'rgb(r, g, b)' strings."""
+    def luminance(css):
+        values = [float(v) / 255 for v in css[css.index("(") + 1:css.index(")")].split(",")[:3]]
+        lin = [v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4 for v in values]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    high, low = sorted((luminance(rgb1), luminance(rgb2)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def _iso(seconds):
+    """created_at as the server writes it: RFC 3339 UTC with milliseconds."""
+    return "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), int(seconds * 1000) % 1000)
+
+
+def _seed_database(path, rows):
+    """Write messages straight into a new database file, before a server opens it.
+
+    rows: (seconds since the epoch, room, author, body, client tag or None); each id is
+    first_id_at(seconds), so the id's time matches created_at.
+    """
+    chat_server.Database(path).close()      # the schema, as the server makes it
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.executemany("INSERT INTO messages (id, room, created_at, author, body, client) "
+                             "VALUES (?, ?, ?, ?, ?, ?)",
+                             [(chat_server.first_id_at(t), room, _iso(t), author, body, client)
+                              for t, room, author, body, client in rows])
+            conn.executemany("INSERT OR IGNORE INTO rooms (name) VALUES (?)", [(r[1],) for r in rows])
+    finally:
+        conn.close()
+
+
+class _LoopbackSite:
+    """A tiny http.server on a free loopback port, answering with `handle(handler)`."""
+
+    def __init__(self, handle):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                handle(self)
+            do_POST = do_HEAD = do_OPTIONS = do_GET
+
+            def log_message(self, format, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="site-%d" % self.port, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def reply(handler, status, headers, body):
+        try:
+            handler.send_response(status)
+            for name, value in headers:
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            if handler.command != "HEAD":
+                handler.wfile.write(body)
+        except OSError:
+            handler.close_connection = True     # the browser went away (an aborted long poll)
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+class _PrefixProxy(_LoopbackSite):
+    """A reverse proxy serving the chat server under /chat/, as nginx's
+    `location /chat/ { proxy_pass http://127.0.0.1:PORT/; }` does, long polls included.
+
+    host="public" sends the browser's host name without its port (`proxy_set_header Host $host`,
+    the README's configuration, which goes with --allow-host); host="upstream" sends the
+    upstream's address, nginx's default without that line.
+    """
+
+    PREFIX = "/chat/"
+    SKIP = frozenset(("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                      "upgrade", "host", "content-length", "date", "server"))
+
+    def __init__(self, upstream_port, host="public"):
+        self.upstream_port, self.host = upstream_port, host
+        self.paths = []
+        self.gate = threading.Event()     # cleared: API requests wait (a slow network), the page does not
+        self.gate.set()
+        super().__init__(self._forward)
+
+    def _forward(self, handler):
+        self.paths.append(handler.path)
+        if "/messages" in handler.path:
+            self.gate.wait(10)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else None
+        if not handler.path.startswith(self.PREFIX):
+            return self.reply(handler, 404, [("Content-Type", "text/plain")], b"not under /chat/\n")
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in self.SKIP}
+        if self.host == "public":
+            headers["Host"] = handler.headers.get("Host", "").rsplit(":", 1)[0]
+        else:
+            headers["Host"] = "127.0.0.1:%d" % self.upstream_port
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=70)
+        try:
+            conn.request(handler.command, "/" + handler.path[len(self.PREFIX):], body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            status = resp.status
+            out = [(k, v) for k, v in resp.getheaders() if k.lower() not in self.SKIP]
+        except OSError:
+            status, out, data = 502, [("Content-Type", "text/plain")], b"bad gateway\n"
+        finally:
+            conn.close()
+        self.reply(handler, status, out, data)
+
+
+class PageTestCase(unittest.TestCase):
+    """Two headless Chromium sessions for the class, a fresh chat server for each test."""
+
+    driver = None
+    a = b = None
+
+    @classmethod
+    def setUpClass(cls):
+        driver_path, chrome_path = _find_chromedriver(), _find_chrome()
+        if not driver_path:
+            raise unittest.SkipTest("chromedriver not found on PATH (set CHROMEDRIVER to its path)")
+        if not chrome_path:
+            raise unittest.SkipTest("Chromium/Chrome not found on PATH (set CHROME_BIN to its path)")
+        cls.driver = _ChromeDriver(driver_path, chrome_path)
+        try:
+            cls.a = cls.driver.new_browser()
+            cls.b = cls.driver.new_browser()
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for browser in (cls.a, cls.b):
+            if browser is not None:
+                try:
+                    browser.quit()
+                except Exception:
+                    pass
+        cls.a = cls.b = None
+        if cls.driver is not None:
+            cls.driver.stop()
+            cls.driver = None
+
+    def setUp(self):
+        self.server = self.thread = None
+        self.use_server(*_start_server())
+        self.token = None
+
+    def tearDown(self):
+        for browser in (self.a, self.b):  # leave the page first, so no long poll is parked on the server
+            try:
+                browser.get("about:blank")
+            except Exception:
+                pass
+        if self.server is not None:
+            _stop_server(self.server, self.thread)
+            self.server = None
+
+    # -- servers --
+
+    def use_server(self, server, thread):
+        """Make (server, thread) the test's chat server, stopping the one before."""
+        if self.server is not None:
+            _stop_server(self.server, self.thread)
+        self.server, self.thread = server, thread
+        self.port = server.server_address[1]
+        self.base = "http://127.0.0.1:%d/" % self.port
+
+    def stop_chat_server(self):
+        _stop_server(self.server, self.thread)
+        self.server = None
+
+    def restart_chat_server(self, **options):
+        """Stop the chat server and start one with `options` on the same port (the page's URL)."""
+        if self.server is not None:
+            self.stop_chat_server()
+        self.server, self.thread = _start_server(self.port, **options)
+
+    def temp_db(self):
+        directory = tempfile.mkdtemp(prefix="chat-page-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return os.path.join(directory, "chat.db")
+
+    # -- HTTP, as curl would --
+
+    def request(self, method, path, payload=None, port=None):
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
+        try:
+            body = json.dumps(payload).encode("utf-8") if payload is not None else None
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read().decode("utf-8"))
+        finally:
+            conn.close()
+
+    def post(self, room, body, author=None, client=None):
+        payload = {"body": body}
+        if author is not None:
+            payload["author"] = author
+        if client is not None:
+            payload["client"] = client
+        status, data = self.request("POST", "/rooms/%s/messages" % room, payload)
+        self.assertEqual(status, 201, data)
+        return data
+
+    def stored(self, room):
+        """The room's messages over HTTP (a poll that does not wait)."""
+        status, data = self.request("GET", "/rooms/%s/messages?timeout=0&limit=1000" % room)
+        self.assertEqual(status, 200, data)
+        return data
+
+    def stats(self):
+        return self.request("GET", "/stats")[1]
+
+    # -- the page --
+
+    def open(self, browser, room=None, base=None):
+        browser.get((base or self.base) + ("#" + room if room else ""))
+        _wait_for(lambda: browser.status() == "connected", 5, "page connected")
+
+    def reload(self, browser, room=None, base=None):
+        """Load the page again from the server (a URL differing only in its #hash would not)."""
+        browser.get("about:blank")
+        self.open(browser, room, base)
+
+    def wait_bodies(self, browser, expected, timeout=3.0):
+        _wait_for(lambda: browser.bodies() == expected, timeout, "page shows %r" % (expected,))
+
+    def send_from_page(self, browser, body, author=None):
+        if author is not None:
+            browser.clear("#name")
+            browser.send_keys("#name", author)
+        browser.send_keys("#body", body + _ENTER)
+
+    def hide(self, browser):
+        """Make the page think its tab is hidden (as BrowserTest does); it must keep following."""
+        browser.js("Object.defineProperty(document, 'visibilityState', {configurable: true, get: function () {"
+                   " return 'hidden'; }}); document.dispatchEvent(new Event('visibilitychange'));")
+
+    def show(self, browser):
+        browser.js("delete document.visibilityState; document.dispatchEvent(new Event('visibilitychange'));")
+
+    @staticmethod
+    def cdp(browser, cmd, params=None):
+        return browser._cmd("POST", "/goog/cdp/execute", {"cmd": cmd, "params": params or {}})
+
+    def go_offline(self, browser):
+        """Cut the browser's network (chromedriver's network emulation) until the test ends or go_online."""
+        browser._cmd("POST", "/chromium/network_conditions", {"network_conditions": {
+            "offline": True, "latency": 0, "download_throughput": -1, "upload_throughput": -1}})
+        self.addCleanup(self.go_online, browser)
+
+    @staticmethod
+    def go_online(browser):
+        try:
+            browser._cmd("DELETE", "/chromium/network_conditions")
+        except Exception:
+            pass    # not emulating any more
+
+    @staticmethod
+    def text_of(browser, css):
+        return browser.js("var e = document.querySelector(arguments[0]); return e ? e.textContent : null;", css)
+
+    @staticmethod
+    def shown(browser, css):
+        """True if the element is rendered (not hidden, has a box)."""
+        return browser.js("var e = document.querySelector(arguments[0]);"
+                          " return !!e && !e.closest('[hidden]') && e.getClientRects().length > 0;", css)
+
+    @staticmethod
+    def set_body(browser, text):
+        """Put `text` in the message box as if typed (typing thousands of keys is slow)."""
+        browser.js("var e = document.getElementById('body'); e.value = arguments[0];"
+                   " e.dispatchEvent(new Event('input'));", text)
+
+    @staticmethod
+    def title(browser):
+        return browser.js("return document.title;")
+
+    @staticmethod
+    def active_id(browser):
+        return browser.js("return document.activeElement && document.activeElement.id;")
+
+    def assertPageWords(self, text):
+        self.assertTrue(text, "the page says nothing")
+        for word in _API_WORDS:
+            self.assertNotIn(word, text)
+
+
+class PageTest(PageTestCase):
+    """The page's behaviour, one requirement (or a few close ones) per test."""
+
+    # -- following the room --
+
+    def test_the_page_is_valid_inside_a_python_string_and_reads_the_limits_from_the_server(self):
+        # It goes between triple quotes in chat_server.py, not raw: no backslash may be interpreted.
+        html = chat_server.PAGE_HTML
+        self.assertEqual(ast.literal_eval('"""' + html + '"""'), html)
+        self.open(self.a, "limits")
+        self.assertEqual(self.a.js("return [document.body.dataset.maxBody, document.body.dataset.maxAuthor];"),
+                         [str(chat_server.MAX_BODY_BYTES), str(chat_server.MAX_AUTHOR_CHARS)])
+        self.assertNotIn(str(chat_server.MAX_BODY_BYTES), html)
+        self.assertIn('<link rel="icon" href="data:,">', html)
+
+    def test_the_strict_content_security_policy_holds_and_nothing_breaks_it(self):
+        # Replaces BrowserTest's regex check of the page (HeadersTest.test_page_has_a_strict_
+        # content_security_policy), which refuses any "<link", and so the data: favicon.
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        html = resp.read().decode("utf-8")
+        csp = resp.getheader("Content-Security-Policy")
+        for part in ("default-src 'none'", "script-src 'sha256-", "style-src 'sha256-", "connect-src 'self'",
+                     "img-src 'self' data:"):
+            self.assertIn(part, csp)
+        self.assertNotIn("unsafe-inline", csp)
+        self.assertEqual((html.count("<script"), html.count("<style")), (1, 1))
+        self.assertEqual(re.findall(r"(?i)<link[^>]*>", html), ['<link rel="icon" href="data:,">'])
+        self.assertNotRegex(html, r"(?i)<script[^>]+src=|https?://|\son[a-z]+=|\sstyle=")
+        self.assertNotIn("innerHTML", html)
+        # Used for real, the page trips none of it (setting a style from the script is allowed).
+        spy = self.cdp(self.a, "Page.addScriptToEvaluateOnNewDocument", {"source":
+                       "window.__violations = []; document.addEventListener('securitypolicyviolation',"
+                       " function (e) { __violations.push(e.violatedDirective + ' ' + e.blockedURI); });"})
+        self.addCleanup(self.cdp, self.a, "Page.removeScriptToEvaluateOnNewDocument",
+                        {"identifier": spy["identifier"]})
+        self.open(self.a, "csp")
+        self.send_from_page(self.a, "see https://example.org/" + _SHIFT_ENTER + "two" + _SHIFT_ENTER + "three")
+        self.wait_bodies(self.a, ["see https://example.org/\ntwo\nthree"])
+        self.set_body(self.a, "x" * chat_server.MAX_BODY_BYTES)
+        self.a.js("location.hash = 'elsewhere';")
+        _wait_for(lambda: self.a.status() == "connected", 3, "switched")
+        self.assertEqual(self.a.js("return window.__violations;"), [])
+        origin = self.base.rstrip("/")
+        self.assertEqual([name for name in self.a.js(
+            "return performance.getEntriesByType('resource').map(function (e) { return e.name; });")
+            if not name.startswith(origin + "/rooms/")], [])
+
+    def test_a_hidden_tab_keeps_following_and_counts_unread_messages_in_the_title(self):
+        self.open(self.a, "lobby")
+        self.assertEqual(self.title(self.a), "lobby - chat")
+        self.hide(self.a)
+        _wait_for(lambda: self.stats()["waiters"] == 1, 3, "the hidden page's long poll is parked")
+        for i in range(3):
+            self.post("lobby", "m%d" % i, author="bob")
+        self.wait_bodies(self.a, ["m0", "m1", "m2"])
+        _wait_for(lambda: self.title(self.a) == "(3) lobby - chat", 3, "unread count in the title")
+        self.assertEqual(self.a.status(), "connected")
+        # While hidden, the page polls with the longer wait.
+        self.assertTrue(self.a.js("return performance.getEntriesByType('resource').some(function (e) {"
+                                  " return e.name.indexOf('timeout=45') >= 0; });"))
+        self.show(self.a)
+        _wait_for(lambda: self.title(self.a) == "lobby - chat", 2, "unread count cleared when seen")
+        self.post("lobby", "seen at once", author="bob")
+        self.wait_bodies(self.a, ["m0", "m1", "m2", "seen at once"])
+        self.assertEqual(self.title(self.a), "lobby - chat")
+
+    def test_notifications_are_asked_for_on_a_click_only_and_shown_only_while_hidden(self):
+        # Headless Chromium cannot answer a permission prompt, so a stand-in for the Notification
+        # API is installed before the page's script runs; it records what the page asks of it.
+        fake = self.cdp(self.a, "Page.addScriptToEvaluateOnNewDocument", {"source": """
+            window.__asked = 0; window.__shown = [];
+            function FakeNotification(title, options) {
+                window.__shown.push([title, options && options.body]);
+                this.close = function () {}; this.addEventListener = function () {};
+            }
+            FakeNotification.permission = 'default';
+            FakeNotification.requestPermission = function () {
+                window.__asked++; FakeNotification.permission = 'granted'; return Promise.resolve('granted');
+            };
+            window.Notification = FakeNotification;"""})
+        self.addCleanup(self.cdp, self.a, "Page.removeScriptToEvaluateOnNewDocument",
+                        {"identifier": fake["identifier"]})
+        self.open(self.a, "ring")
+        self.assertEqual(self.a.js("return window.__asked;"), 0, "permission asked for on load")
+        self.assertTrue(self.shown(self.a, "#notify"))
+        self.assertEqual(self.a.js("return document.getElementById('notify').getAttribute('aria-pressed');"), "false")
+        self.hide(self.a)
+        self.post("ring", "not asked for yet", author="bob")
+        self.wait_bodies(self.a, ["not asked for yet"])
+        self.show(self.a)
+        self.a.click("#notify")
+        _wait_for(lambda: self.a.js("return document.getElementById('notify').getAttribute('aria-pressed');")
+                  == "true", 2, "notifications on")
+        self.assertEqual(self.a.js("return window.__asked;"), 1)
+        self.post("ring", "while visible", author="bob")
+        self.wait_bodies(self.a, ["not asked for yet", "while visible"])
+        self.hide(self.a)
+        self.post("ring", "ping", author="bob")
+        _wait_for(lambda: self.a.js("return window.__shown;") == [["bob in ring", "ping"]], 3, "one notification")
+        self.send_from_page(self.a, "my own, while hidden")      # one's own messages are not notified
+        self.wait_bodies(self.a, ["not asked for yet", "while visible", "ping", "my own, while hidden"])
+        self.show(self.a)
+        self.a.click("#notify")      # and off again
+        _wait_for(lambda: self.a.js("return document.getElementById('notify').getAttribute('aria-pressed');")
+                  == "false", 2, "notifications off")
+        self.hide(self.a)
+        self.post("ring", "after turning off", author="bob")
+        self.wait_bodies(self.a, ["not asked for yet", "while visible", "ping", "my own, while hidden",
+                                  "after turning off"])
+        self.assertEqual(len(self.a.js("return window.__shown;")), 1)
+        self.assertEqual(self.a.js("return window.__asked;"), 1)
+
+    def test_new_messages_button_when_scrolled_up_and_sending_scrolls_to_ones_own_message(self):
+        bodies = ["line %d" % i for i in range(40)]
+        for body in bodies:
+            self.post("scroll", body, author="bob")
+        self.open(self.a, "scroll")
+        self.wait_bodies(self.a, bodies)
+        at_bottom = ("var l = document.getElementById('log');"
+                     " return l.scrollHeight - l.scrollTop - l.clientHeight < 60;")
+        self.assertTrue(self.a.js(at_bottom), "a room opens at its newest message")
+        self.post("scroll", "at the bottom", author="bob")
+        self.wait_bodies(self.a, bodies + ["at the bottom"])
+        self.assertTrue(self.a.js(at_bottom), "followed while at the bottom")
+        self.assertFalse(self.shown(self.a, "#jump"))
+        # Scrolled up: a new message does not move the list; the button offers it.
+        self.a.js("var l = document.getElementById('log'); l.scrollTop = 0; l.dispatchEvent(new Event('scroll'));")
+        self.post("scroll", "while up", author="carol")
+        _wait_for(lambda: self.shown(self.a, "#jump"), 3, "new-messages button")
+        self.assertEqual(self.text_of(self.a, "#jump-text"), "1 new message")
+        self.assertEqual(self.a.js("return document.getElementById('log').scrollTop;"), 0)
+        self.post("scroll", "and another", author="carol")
+        _wait_for(lambda: self.text_of(self.a, "#jump-text") == "2 new messages", 3, "the count goes up")
+        self.a.click("#jump")
+        _wait_for(lambda: self.a.js(at_bottom), 2, "scrolled to the bottom")
+        self.assertFalse(self.shown(self.a, "#jump"))
+        # Sending from scrolled up brings one's own message into view.
+        self.a.js("var l = document.getElementById('log'); l.scrollTop = 0; l.dispatchEvent(new Event('scroll'));")
+        self.send_from_page(self.a, "my own message", author="ann")
+        _wait_for(lambda: self.a.js(
+            "var li = document.querySelector('#messages li:last-child'), l = document.getElementById('log');"
+            " var r = li.getBoundingClientRect(), v = l.getBoundingClientRect();"
+            " return li.querySelector('.text').textContent === 'my own message'"
+            "   && r.top >= v.top - 1 && r.bottom <= v.bottom + 1;"), 3, "own message scrolled into view")
+        self.assertFalse(self.shown(self.a, "#jump"))
+
+    def test_catching_up_after_the_network_returns_fetches_more_than_one_answer(self):
+        # Replaces BrowserTest.test_catching_up_fetches_more_than_one_answer, which pauses by hiding the tab.
+        self.open(self.a, "catchup")
+        self.post("catchup", "first")
+        self.wait_bodies(self.a, ["first"])
+        self.go_offline(self.a)
+        _wait_for(lambda: "can't reach the server" in self.a.status(), 3, "offline noticed")
+        bodies = ["m%03d" % i for i in range(250)]      # more than one answer of 100
+        for body in bodies:
+            self.post("catchup", body)
+        self.go_online(self.a)
+        self.wait_bodies(self.a, ["first"] + bodies, timeout=5)
+        _wait_for(lambda: self.a.status() == "connected", 2, "connected again")
+
+    def test_a_page_left_open_keeps_at_most_a_thousand_messages(self):
+        self.restart_chat_server(history=2000)
+        self.open(self.a, "busy")
+        self.post("busy", "first of the day")
+        self.wait_bodies(self.a, ["first of the day"])
+        self.go_offline(self.a)     # so the rest arrives in a few large answers
+        _wait_for(lambda: "can't reach the server" in self.a.status(), 3, "offline noticed")
+        bodies = ["m%04d" % i for i in range(1050)]
+        for body in bodies:
+            self.post("busy", body)
+        self.go_online(self.a)
+        self.wait_bodies(self.a, bodies[-1000:], timeout=10)
+        # The new first message starts the list with its day and its author's header.
+        self.assertEqual(self.a.js("var li = document.querySelector('#messages li');"
+                                   " return [!!li.querySelector('.day'), li.classList.contains('cont')];"),
+                         [True, False])
+
+    def test_a_cursor_too_old_after_an_outage_reloads_the_room(self):
+        # Replaces BrowserTest.test_cursor_too_old_reloads_the_room, which pauses by hiding the tab.
+        self.restart_chat_server(history=5)
+        self.open(self.a, "gone")
+        self.post("gone", "m0")
+        self.wait_bodies(self.a, ["m0"])
+        self.go_offline(self.a)
+        _wait_for(lambda: "can't reach the server" in self.a.status(), 3, "offline noticed")
+        bodies = ["m%d" % i for i in range(1, 11)]
+        for body in bodies:
+            self.post("gone", body)
+        self.go_online(self.a)      # m0 is no longer kept: 410, and the page reloads what is kept
+        self.wait_bodies(self.a, bodies[-5:])
+        _wait_for(lambda: self.a.status() == "connected", 2, "connected again")
+
+    def test_only_new_messages_are_announced_and_the_status_only_when_it_changes(self):
+        for i in range(5):
+            self.post("a11y", "old %d" % i, author="ann")
+        self.open(self.a, "a11y")
+        self.wait_bodies(self.a, ["old %d" % i for i in range(5)])
+        self.assertEqual(self.a.js("var l = document.getElementById('messages');"
+                                   " return [l.getAttribute('role'), l.getAttribute('aria-live')];"), ["log", "off"])
+        self.assertEqual(self.a.js("return document.getElementById('announce').getAttribute('aria-live');"), "polite")
+        self.assertEqual(self.text_of(self.a, "#announce"), "", "the loaded history is not read out")
+        self.post("a11y", "fresh news", author="bob")
+        _wait_for(lambda: self.text_of(self.a, "#announce") == "bob: fresh news", 3, "a new message announced")
+        self.send_from_page(self.a, "mine, not read back")
+        self.wait_bodies(self.a, ["old %d" % i for i in range(5)] + ["fresh news", "mine, not read back"])
+        self.assertEqual(self.text_of(self.a, "#announce"), "bob: fresh news")
+        # The status line is a live region that changes once per state; the countdown beside it
+        # is aria-hidden.
+        self.assertEqual(self.a.js("return document.getElementById('status').getAttribute('role');"), "status")
+        self.assertEqual(self.a.js("return document.getElementById('countdown').getAttribute('aria-hidden');"),
+                         "true")
+        self.a.js("window.__status = []; window.__countdown = [];"
+                  " new MutationObserver(function () { __status.push(document.getElementById('status').textContent); })"
+                  ".observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});"
+                  " new MutationObserver(function () { var t = document.getElementById('countdown').textContent;"
+                  "   if (t && __countdown[__countdown.length - 1] !== t) __countdown.push(t); })"
+                  ".observe(document.getElementById('countdown'), {childList: true, characterData: true, subtree: true});")
+        self.stop_chat_server()
+        _wait_for(lambda: len(self.a.js("return window.__countdown;")) >= 3, 10, "a countdown of several steps")
+        self.assertEqual(self.a.js("return window.__status;"), ["can't reach the server; reconnecting"])
+        self.restart_chat_server()
+        _wait_for(lambda: self.a.status() == "connected", 10, "connected after the restart")
+        self.assertEqual(self.a.js("return window.__status;"),
+                         ["can't reach the server; reconnecting", "connected"])
+        self.assertEqual(self.text_of(self.a, "#countdown"), "")
+
+    # -- sending --
+
+    def test_enter_pressed_twice_quickly_posts_once(self):
+        self.open(self.a, "once")
+        # Hold the page's posts back 300 ms on their way to the (real) server, so that the second
+        # Enter surely comes while the first post is still waiting for its answer.
+        self.a.js("var f = window.fetch; window.fetch = function (url, options) {"
+                  " if (!options || options.method !== 'POST') return f(url, options);"
+                  " return new Promise(function (r) { setTimeout(r, 300); }).then(function () {"
+                  "   return f(url, options); }); };")
+        self.a.send_keys("#body", "only once" + _ENTER + _ENTER)
+        self.wait_bodies(self.a, ["only once"])
+        _wait_for(lambda: self.a.js("return document.getElementById('body').value;") == "", 2, "box emptied")
+        self.post("once", "marker")     # stored after anything the page sent before
+        self.wait_bodies(self.a, ["only once", "marker"])
+        self.assertEqual([m["body"] for m in self.stored("once")], ["only once", "marker"])
+
+    def test_the_byte_counter_counts_the_json_request_and_blocks_sending_past_the_limit(self):
+        limit = chat_server.MAX_BODY_BYTES
+        self.open(self.a, "count")
+        self.a.send_keys("#name", "zoë")
+        client = self.a.js("return localStorage.getItem('chat.client');")
+
+        def request_bytes(body):
+            payload = {"body": body, "author": "zoë", "client": client}
+            return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+        def text_of_size(size):
+            # Quotes, a line break and non-ASCII letters: what a character count or a count of
+            # the text alone would get wrong.
+            head = 'She said "ça va?"\n' + "é" * 2000 + "日本" * 200
+            return head + "a" * (size - request_bytes(head))
+
+        self.set_body(self.a, text_of_size(limit // 2))
+        self.assertFalse(self.shown(self.a, "#count"), "no counter far from the limit")
+        text = text_of_size(limit - 10)
+        self.assertEqual(request_bytes(text), limit - 10)
+        self.set_body(self.a, text)
+        self.assertTrue(self.shown(self.a, "#count"))
+        self.assertEqual(self.text_of(self.a, "#count"), "10 left")
+        self.set_body(self.a, text + "é" * 6)
+        self.assertEqual(self.text_of(self.a, "#count"), "2 over the limit")
+        self.assertTrue(self.a.js("return document.getElementById('count').classList.contains('over');"))
+        self.a.send_keys("#body", _ENTER)
+        _wait_for(lambda: "too long" in self.text_of(self.a, "#note"), 2, "refused by the page")
+        self.assertPageWords(self.text_of(self.a, "#note"))
+        self.assertEqual(self.stored("count"), [])
+        # Exactly at the limit: the page sends, and the server takes it, so both count alike.
+        text = text_of_size(limit)
+        self.set_body(self.a, text)
+        self.assertEqual(self.text_of(self.a, "#count"), "0 left")
+        self.a.send_keys("#body", _ENTER)
+        _wait_for(lambda: len(self.stored("count")) == 1, 3, "the message at the limit stored")
+        self.assertEqual(self.stored("count")[0]["body"], text)
+        _wait_for(lambda: not self.shown(self.a, "#count"), 2, "counter gone with the text")
+        self.assertEqual(self.text_of(self.a, "#note"), "")
+
+    def test_the_name_box_takes_no_more_than_the_server_allows(self):
+        limit = chat_server.MAX_AUTHOR_CHARS
+        self.open(self.a, "names")
+        self.assertEqual(self.a.js("return document.getElementById('name').maxLength;"), limit)
+        self.a.send_keys("#name", "x" * (limit + 30))
+        self.assertEqual(self.a.js("return document.getElementById('name').value;"), "x" * limit)
+        # A longer name saved by an older page is cut to the limit too, so posts are not refused.
+        self.a.js("localStorage.setItem('chat.name', arguments[0]);", "y" * 100)
+        self.reload(self.a, "names")
+        self.assertEqual(self.a.js("return document.getElementById('name').value;"), "y" * limit)
+        self.send_from_page(self.a, "with a long name")
+        _wait_for(lambda: len(self.stored("names")) == 1, 3, "posted")
+        self.assertEqual(self.stored("names")[0]["author"], "y" * limit)
+
+    def test_errors_are_in_the_pages_own_words(self):
+        # Too many posts (429, with Retry-After).
+        self.restart_chat_server(rate=0.1, burst=1)
+        self.open(self.a, "words")
+        self.send_from_page(self.a, "first is fine")
+        self.wait_bodies(self.a, ["first is fine"])
+        self.send_from_page(self.a, "second is too soon")
+        _wait_for(lambda: self.text_of(self.a, "#note"), 3, "an error shown")
+        note = self.text_of(self.a, "#note")
+        self.assertIn("too quickly", note)
+        self.assertIn("10 seconds", note)
+        self.assertPageWords(note)
+        self.assertEqual(self.a.js("return document.getElementById('body').value;"), "second is too soon",
+                         "the text stays for another try")
+        # The server cannot take more (503: here, no room for another room).
+        self.restart_chat_server(max_rooms=1)
+        self.post("existing", "the one room")
+        self.open(self.a, "another")
+        self.a.clear("#body")
+        self.send_from_page(self.a, "to a room too many")
+        _wait_for(lambda: "busy" in self.text_of(self.a, "#note"), 3, "busy")
+        self.assertPageWords(self.text_of(self.a, "#note"))
+        # The network is gone.
+        self.restart_chat_server()
+        self.open(self.a, "words")
+        self.go_offline(self.a)
+        _wait_for(lambda: "can't reach the server" in self.a.status(), 3, "offline noticed")
+        self.a.clear("#body")
+        self.send_from_page(self.a, "into the void")
+        _wait_for(lambda: "can't reach the server" in self.text_of(self.a, "#note"), 3, "can't reach")
+        self.assertPageWords(self.text_of(self.a, "#note"))
+        self.assertPageWords(self.a.status())
+        self.go_online(self.a)
+        _wait_for(lambda: self.a.status() == "connected", 5, "back online")
+        self.a.send_keys("#body", _ENTER)       # the text is still there: send it again
+        self.wait_bodies(self.a, ["into the void"])
+        self.assertEqual(self.text_of(self.a, "#note"), "")
+
+    def test_the_message_box_grows_keeps_the_focus_and_says_how_to_send(self):
+        self.open(self.a, "box")
+        self.assertEqual(self.active_id(self.a), "body", "focus on load")
+        hint = self.a.js("var h = document.getElementById('hint');"
+                         " return [h.textContent, document.getElementById('body').getAttribute('aria-describedby')];")
+        self.assertIn("Shift+Enter", hint[0])
+        self.assertEqual(hint[1], "hint")
+        self.assertTrue(self.shown(self.a, "#hint-text"))
+        height = lambda: self.a.js("return document.getElementById('body').getBoundingClientRect().height;")
+        one_line = height()
+        self.a.send_keys("#body", "line 1" + _SHIFT_ENTER + "line 2" + _SHIFT_ENTER + "line 3")
+        self.assertEqual(self.a.js("return document.getElementById('body').value;"), "line 1\nline 2\nline 3")
+        self.assertGreater(height(), one_line * 2)
+        self.assertEqual(self.stored("box"), [])
+        self.a.send_keys("#body", (_SHIFT_ENTER + "more") * 12)
+        capped = height()
+        self.a.send_keys("#body", _SHIFT_ENTER + "and more")
+        self.assertEqual(height(), capped, "grows to a few lines, then scrolls")
+        self.a.send_keys("#body", _ENTER)
+        _wait_for(lambda: len(self.stored("box")) == 1, 3, "sent")
+        self.assertTrue(self.stored("box")[0]["body"].startswith("line 1\nline 2\nline 3\nmore"))
+        _wait_for(lambda: height() == one_line, 2, "back to one line")
+        self.assertEqual(self.active_id(self.a), "body", "focus after sending")
+        # Sent with the button: the focus goes back to the box.
+        self.a.send_keys("#body", "by button")
+        self.a.click("#send")
+        _wait_for(lambda: len(self.stored("box")) == 2, 3, "sent by button")
+        _wait_for(lambda: self.active_id(self.a) == "body", 2, "focus after the button")
+        # A room switch with the switcher puts the focus back in the box.
+        self.a.clear("#room")
+        self.a.send_keys("#room", "elsewhere" + _ENTER)
+        _wait_for(lambda: self.a.status() == "connected" and self.a.js("return location.hash;") == "#elsewhere",
+                  3, "switched")
+        self.assertEqual(self.active_id(self.a), "body", "focus after a room switch")
+
+    def test_on_a_touch_screen_enter_adds_a_line_and_the_button_sends(self):
+        self.open(self.a, "phone")
+        self.cdp(self.a, "Emulation.setTouchEmulationEnabled", {"enabled": True, "maxTouchPoints": 5})
+        self.addCleanup(self.cdp, self.a, "Emulation.setTouchEmulationEnabled", {"enabled": False})
+        self.assertTrue(self.a.js("return matchMedia('(pointer: coarse)').matches;"))
+        _wait_for(lambda: "button" in self.text_of(self.a, "#hint-text"), 2, "the hint says how to send")
+        self.assertEqual(self.a.js("return document.getElementById('body').enterKeyHint;"), "enter")
+        self.a.send_keys("#body", "first line" + _ENTER + "second line")
+        self.assertEqual(self.a.js("return document.getElementById('body').value;"), "first line\nsecond line")
+        self.assertEqual(self.stored("phone"), [])
+        self.a.click("#send")
+        _wait_for(lambda: [m["body"] for m in self.stored("phone")] == ["first line\nsecond line"], 3, "sent")
+
+    # -- how messages look --
+
+    def test_links_are_anchors_and_other_schemes_stay_text(self):
+        body = ("docs: https://example.org/wiki/A_(b)?q=1#top, and (see http://example.com/x). "
+                "not javascript:alert(1), JAVASCRIPT:alert(2), data:text/html,hi, xhttps://glued.example or http://")
+        self.post("links", body, author="ann")
+        self.post("links", "javascript:alert(document.cookie)", author="eve")
+        self.open(self.a, "links")
+        self.wait_bodies(self.a, [body, "javascript:alert(document.cookie)"])
+        links = self.a.js("return Array.from(document.querySelectorAll('#messages a')).map(function (a) {"
+                          " return [a.getAttribute('href'), a.textContent, a.rel, a.target]; });")
+        self.assertEqual(links, [
+            ["https://example.org/wiki/A_(b)?q=1#top", "https://example.org/wiki/A_(b)?q=1#top",
+             "noopener noreferrer", "_blank"],
+            ["http://example.com/x", "http://example.com/x", "noopener noreferrer", "_blank"]])
+        self.assertEqual(self.a.js("return document.querySelectorAll('#messages li:last-child a').length;"), 0)
+
+    def test_names_and_texts_have_dir_auto_so_right_to_left_text_reads_right(self):
+        self.post("rtl", "مرحبا بالعالم", author="سارة")
+        self.post("rtl", "hello world", author="ann")
+        self.open(self.a, "rtl")
+        self.wait_bodies(self.a, ["مرحبا بالعالم", "hello world"])
+        found = self.a.js("return Array.from(document.querySelectorAll('#messages li')).map(function (li) {"
+                          " var t = li.querySelector('.text'), a = li.querySelector('.author');"
+                          " return [t.dir, a.dir, getComputedStyle(t).direction]; });")
+        self.assertEqual(found, [["auto", "auto", "rtl"], ["auto", "auto", "ltr"]])
+
+    def test_mine_is_decided_by_the_browser_id_not_by_the_name(self):
+        # The old page decided "mine" by the name (no old test checked that).
+        self.open(self.a, "same")
+        self.open(self.b, "same")
+        self.send_from_page(self.a, "from a", author="sam")
+        self.wait_bodies(self.b, ["from a"])
+        self.send_from_page(self.b, "from b", author="sam")
+        self.post("same", "from curl", author="sam")
+        mine = lambda browser: browser.js("return Array.from(document.querySelectorAll('#messages li'))"
+                                          ".map(function (li) { return li.classList.contains('mine'); });")
+        for browser in (self.a, self.b):
+            self.wait_bodies(browser, ["from a", "from b", "from curl"])
+        _wait_for(lambda: mine(self.a) == [True, False, False], 2, "a's own message only")
+        _wait_for(lambda: mine(self.b) == [False, True, False], 2, "b's own message only")
+        # The server keeps and shows a hash of the browser's id, never the id.
+        client = self.a.js("return localStorage.getItem('chat.client');")
+        self.assertRegex(client, r"\A[A-Za-z0-9_-]{22}\Z")
+        stored = self.stored("same")
+        self.assertEqual(stored[0]["client"], chat_server.client_tag(client))
+        self.assertNotIn(client, json.dumps(stored))
+        self.assertEqual(stored[2]["client"], None)
+        self.reload(self.a, "same")     # remembered across a reload
+        self.wait_bodies(self.a, ["from a", "from b", "from curl"])
+        self.assertEqual(mine(self.a), [True, False, False])
+        # Own messages are on the right, others on the left; the own bubble's edge stands out
+        # from the page by at least 3:1 (WCAG 1.4.11), in light and in dark.
+        self.addCleanup(self.a.emulate_color_scheme, "light")
+        for scheme in ("light", "dark"):
+            self.a.emulate_color_scheme(scheme)
+            edge, bubble, page, sides = self.a.js(
+                "var lis = document.querySelectorAll('#messages li'), mine = lis[0].querySelector('.text');"
+                " var other = lis[1].querySelector('.text'), list = document.getElementById('messages').getBoundingClientRect();"
+                " var m = mine.getBoundingClientRect(), o = other.getBoundingClientRect(), s = getComputedStyle(mine);"
+                " return [s.borderRightColor, s.backgroundColor, getComputedStyle(document.body).backgroundColor,"
+                "   [list.right - m.right, o.left - list.left, m.left - list.left]];")
+            self.assertGreaterEqual(_contrast(edge, page), 3, "%s: own bubble edge %s on %s" % (scheme, edge, page))
+            self.assertGreaterEqual(_contrast(edge, bubble), 3, scheme)
+            self.assertLess(abs(sides[0]), 1, "own message at the right")
+            self.assertLess(abs(sides[1]), 1, "others' message at the left")
+            self.assertGreater(sides[2], 100, "own message not at the left")
+
+    def test_grouping_under_one_header_and_day_dividers(self):
+        path = self.temp_db()
+        # Local noon yesterday and four days ago, as the browser reckons days.
+        self.a.get(self.base)
+        yesterday, older = self.a.js(
+            "function noon(days) { var d = new Date(); d.setDate(d.getDate() - days); d.setHours(12, 0, 0, 0);"
+            " return d.getTime() / 1000; } return [noon(1), noon(4)];")
+        ann, other = chat_server.client_tag("ann-browser"), chat_server.client_tag("another-ann")
+        _seed_database(path, [
+            (older, "team", "carol", "old news", None),
+            (yesterday, "team", "ann", "y1", ann),
+            (yesterday + 60, "team", "ann", "y2 (one minute later)", ann),
+            (yesterday + 600, "team", "ann", "y3 (nine minutes later)", ann),
+            (yesterday + 660, "team", "bob", "y4", None),
+            (yesterday + 690, "team", "bob", "y5", None),
+            (yesterday + 700, "team", "ann", "y6 (same name, another browser)", other),
+        ])
+        self.use_server(*_start_server(db=path))
+        self.post("team", "t1", author="ann", client="ann-browser")
+        self.post("team", "t2", author="ann", client="ann-browser")
+        self.post("team", "t3", author="bob")
+        self.open(self.a, "team")
+        self.wait_bodies(self.a, ["old news", "y1", "y2 (one minute later)", "y3 (nine minutes later)", "y4", "y5",
+                                  "y6 (same name, another browser)", "t1", "t2", "t3"])
+        layout = self.a.js(
+            "return Array.from(document.querySelectorAll('#messages li')).map(function (li) {"
+            " var day = li.querySelector('.day'), meta = li.querySelector('.meta');"
+            " return [day ? day.textContent : null, meta.getBoundingClientRect().height > 2]; });")
+        older_label = self.a.js(
+            "var d = new Date(arguments[0] * 1000), o = {weekday: 'long', day: 'numeric', month: 'long'};"
+            " if (d.getFullYear() !== new Date().getFullYear()) o.year = 'numeric';"
+            " return d.toLocaleDateString(undefined, o);", older)
+        self.assertEqual(layout, [
+            [older_label, True],
+            ["Yesterday", True], [None, False], [None, True],       # a gap of 9 minutes starts a new header
+            [None, True], [None, False],
+            [None, True],                                            # same name from another browser
+            ["Today", True], [None, False], [None, True]])
+        self.assertNotIn(older_label, ("Today", "Yesterday"))
+        # Grouped messages keep their author and time for screen readers (visually hidden).
+        self.assertEqual(self.a.messages()[2][0], "ann")
+
+    def test_each_author_has_a_stable_readable_colour_in_light_and_dark(self):
+        names = ["ann", "bob", "carol", "dave", "eve", "frank", "grace", "heidi", "ivan", "judy"]
+        for name in names:
+            self.post("colours", "hello from " + name, author=name)
+        self.post("colours", "hello again", author="ann")
+        self.open(self.a, "colours")
+        self.wait_bodies(self.a, ["hello from " + n for n in names] + ["hello again"])
+        self.addCleanup(self.a.emulate_color_scheme, "light")
+        colours_js = ("return Array.from(document.querySelectorAll('#messages li')).map(function (li) {"
+                      " return [getComputedStyle(li.querySelector('.author')).color,"
+                      "   getComputedStyle(li.querySelector('.meta')).backgroundColor]; });")
+        seen = {}
+        for scheme in ("light", "dark"):
+            self.a.emulate_color_scheme(scheme)
+            colours = seen[scheme] = self.a.js(colours_js)
+            self.assertEqual(colours[0][0], colours[-1][0], "same name, same colour")
+            self.assertGreaterEqual(len({c for c, _ in colours}), 5, "names get different colours")
+            for colour, background in colours:
+                self.assertGreaterEqual(_contrast(colour, background), 4.5, "%s: %s on %s" % (scheme, colour, background))
+        self.b.emulate_color_scheme("dark")       # another browser, same colours
+        self.addCleanup(self.b.emulate_color_scheme, "light")
+        self.open(self.b, "colours")
+        self.wait_bodies(self.b, ["hello from " + n for n in names] + ["hello again"])
+        self.assertEqual(self.b.js(colours_js), seen["dark"])
+
+    # -- states --
+
+    def test_a_busy_server_is_retried_no_sooner_than_its_retry_after(self):
+        self.restart_chat_server(max_waiters=1)
+        self.open(self.a, "full")               # its long poll takes the one place
+        _wait_for(lambda: self.stats()["waiters"] == 1, 3, "a's poll parked")
+        self.b.get(self.base + "#full")         # its first look does not wait; its long poll gets 503
+        _wait_for(lambda: self.b.status() == "server busy; reconnecting", 3, "busy")
+        self.assertPageWords(self.b.status())
+        self.a.get("about:blank")               # the place frees up
+        _wait_for(lambda: self.b.status() == "connected", 5, "connected once there is room")
+        gaps = self.b.js(
+            "var e = performance.getEntriesByType('resource').filter(function (e) {"
+            "  return e.name.indexOf('/messages') >= 0; });"
+            " var out = []; for (var i = 0; i + 1 < e.length; i++) {"
+            "  if (e[i].responseStatus === 503) out.push(e[i + 1].startTime - e[i].responseEnd); } return out;")
+        self.assertTrue(gaps, "a 503 was seen")
+        for gap in gaps:
+            self.assertGreaterEqual(gap, 950, "retried before Retry-After (1 s) passed")
+
+    def test_empty_states_are_honest(self):
+        self.assertIn('<p id="empty">Connecting…</p>', chat_server.PAGE_HTML, "before the first answer")
+        self.open(self.a, "void")
+        self.assertTrue(self.shown(self.a, "#empty"))
+        self.assertIn("No messages yet", self.text_of(self.a, "#empty"))
+        self.stop_chat_server()
+        _wait_for(lambda: "can't reach the server" in self.a.status(), 5, "server gone noticed")
+        self.assertIn("Can't reach the server", self.text_of(self.a, "#empty"))
+        self.assertNotIn("No messages", self.text_of(self.a, "#empty"))
+        self.restart_chat_server()
+        _wait_for(lambda: self.a.status() == "connected", 10, "connected again")
+        self.assertIn("No messages yet", self.text_of(self.a, "#empty"))
+        self.post("void", "something")
+        self.wait_bodies(self.a, ["something"])
+        self.assertFalse(self.shown(self.a, "#empty"))
+
+    def test_token_needed_refused_and_accepted(self):
+        self.restart_chat_server(token="s3cret")
+        self.token = "s3cret"
+        self.a.get(self.base + "#vault")
+        _wait_for(lambda: self.shown(self.a, "#token-form"), 3, "token form shown")
+        self.assertEqual(self.a.status(), "access token needed")
+        self.assertIn("needs an access token", self.text_of(self.a, "#empty"))
+        self.assertEqual(self.active_id(self.a), "token")
+        self.a.send_keys("#token", "wrong" + _ENTER)
+        _wait_for(lambda: self.a.status() == "access token refused", 3, "token refused")
+        self.assertTrue(self.shown(self.a, "#token-form"))
+        self.assertIn("refused", self.text_of(self.a, "#token-label"))
+        self.assertIn("refused", self.text_of(self.a, "#empty"))
+        self.assertNotIn("No messages", self.text_of(self.a, "#empty"))
+        self.assertIsNone(self.a.js("return localStorage.getItem('chat.token');"))
+        self.a.send_keys("#token", "s3cret" + _ENTER)
+        _wait_for(lambda: self.a.status() == "connected", 3, "connected with the token")
+        self.assertIn("No messages yet", self.text_of(self.a, "#empty"))
+        self.send_from_page(self.a, "with the token")
+        self.wait_bodies(self.a, ["with the token"])
+        # The token travels in the Authorization header only, never in a URL.
+        self.assertFalse(self.a.js("return performance.getEntriesByType('resource').some(function (e) {"
+                                   " return e.name.indexOf('s3cret') >= 0; });"))
+        # A token that stops working (the server got a new one) is "refused", not "needed".
+        self.restart_chat_server(token="n3w-s3cret")
+        _wait_for(lambda: self.a.status() == "access token refused", 10, "old token refused")
+        self.a.send_keys("#token", "n3w-s3cret" + _ENTER)
+        _wait_for(lambda: self.a.status() == "connected", 3, "connected with the new token")
+
+
+class PageProxyTest(PageTestCase):
+    """The page behind a reverse proxy that serves it under a path prefix."""
+
+    def start_proxy(self, host):
+        proxy = _PrefixProxy(self.port, host)
+        self.addCleanup(proxy.stop)
+        return proxy, "http://127.0.0.1:%d/chat/" % proxy.port
+
+    def test_the_page_works_under_a_path_prefix(self):
+        # The README's setup: the proxy sends Host without the port, the server allows that name.
+        self.use_server(*_start_server(allow_hosts=["127.0.0.1"]))
+        proxy, url = self.start_proxy("public")
+        self.post("prefixed", "already here", author="curl")
+        self.open(self.a, "prefixed", base=url)
+        self.open(self.b, "prefixed", base=url)
+        self.wait_bodies(self.a, ["already here"])
+        self.send_from_page(self.a, "through the proxy", author="ann")
+        self.wait_bodies(self.b, ["already here", "through the proxy"])
+        # Long polls through the proxy: both pages park one, and a post wakes them.
+        _wait_for(lambda: self.stats()["waiters"] == 2, 3, "two long polls parked through the proxy")
+        self.post("prefixed", "woken", author="curl")
+        self.wait_bodies(self.a, ["already here", "through the proxy", "woken"])
+        self.wait_bodies(self.b, ["already here", "through the proxy", "woken"])
+        self.assertEqual([m["body"] for m in self.stored("prefixed")], ["already here", "through the proxy", "woken"])
+        outside = [p for p in proxy.paths if not p.startswith("/chat/")]
+        self.assertEqual(outside, [], "every request of the page stays under the prefix")
+        self.assertTrue(any("timeout=25" in p for p in proxy.paths))
+        self.assertFalse(any("favicon" in p for p in proxy.paths))
+
+    def test_connecting_is_shown_until_the_first_answer(self):
+        proxy, url = self.start_proxy("upstream")
+        proxy.gate.clear()
+        self.addCleanup(proxy.gate.set)
+        self.a.get(url + "#slow")
+        _wait_for(lambda: any("/messages" in p for p in proxy.paths), 3, "the first poll sent")
+        self.assertEqual(self.a.status(), "connecting")
+        self.assertEqual(self.text_of(self.a, "#empty"), "Connecting…")
+        proxy.gate.set()
+        _wait_for(lambda: self.a.status() == "connected", 3, "connected")
+        self.assertIn("No messages yet", self.text_of(self.a, "#empty"))
+
+    def test_behind_a_proxy_that_sends_its_own_host_posts_are_refused_in_the_pages_words(self):
+        # nginx's `proxy_pass` without `proxy_set_header Host $host`: the server sees its own
+        # address as Host and the proxy's in Origin, and refuses the page's posts (403).
+        proxy, url = self.start_proxy("upstream")
+        self.post("plain", "readable", author="curl")
+        self.open(self.a, "plain", base=url)
+        self.wait_bodies(self.a, ["readable"])
+        self.send_from_page(self.a, "refused", author="ann")
+        _wait_for(lambda: self.text_of(self.a, "#note"), 3, "an error shown")
+        note = self.text_of(self.a, "#note")
+        self.assertIn("does not take messages from this page", note)
+        self.assertPageWords(note)
+        self.assertEqual([m["body"] for m in self.stored("plain")], ["readable"])
+
+
+class CrossSiteTest(PageTestCase):
+    """A page from another origin on loopback cannot post; the chat page still can."""
+
+    def test_cross_site_posts_are_refused_and_the_chat_page_still_posts_and_follows(self):
+        chat = self.base
+        evil_page = ("""<!doctype html><title>evil</title>
+            <iframe name="sink"></iframe>
+            <form id="f" method="post" enctype="text/plain" action="%smessages" target="sink">
+              <input name="body" value="csrf by form"></form>
+            <script>
+              fetch('%smessages', {method: 'POST', mode: 'no-cors', body: 'csrf'})
+                .then(function () { return 'sent'; }, function () { return 'failed'; })
+                .then(function (how) {
+                  document.title = 'fetch ' + how;
+                  document.querySelector('iframe').addEventListener('load', function () {
+                    document.title += ', form sent'; });
+                  document.getElementById('f').submit();
+                });
+            </script>""" % (chat, chat)).encode("utf-8")
+        evil = _LoopbackSite(lambda h: _LoopbackSite.reply(h, 200, [("Content-Type", "text/html")], evil_page))
+        self.addCleanup(evil.stop)
+        self.assertNotEqual(evil.port, self.port)
+        self.a.get("http://127.0.0.1:%d/" % evil.port)
+        _wait_for(lambda: self.title(self.a) == "fetch sent, form sent", 5, "both requests made")
+        _wait_for(lambda: self.server.status_counts().get(403, 0) >= 2, 2, "both refused with 403")
+        self.assertEqual(self.stored("default"), [])
+        # The chat page itself still posts and follows.
+        self.open(self.a)
+        self.open(self.b)
+        self.send_from_page(self.a, "from the chat page", author="ann")
+        self.wait_bodies(self.b, ["from the chat page"])
+        self.assertEqual([m["body"] for m in self.stored("default")], ["from the chat page"])
+
+
+class EventSourceTest(PageTestCase):
+    """The browser's own EventSource on the chat page's origin, across a server restart."""
+
+    def test_event_source_reconnects_with_last_event_id_and_loses_nothing(self):
+        path = self.temp_db()
+        self.use_server(*_start_server(db=path))
+        self.open(self.a)
+        self.a.js("window.__ids = []; window.__opens = 0; window.__es = new EventSource('messages');"
+                  " __es.addEventListener('open', function () { __opens++; });"
+                  " __es.addEventListener('message', function (e) {"
+                  "   __ids.push([e.lastEventId, JSON.parse(e.data).id]); });")
+        self.addCleanup(lambda: self.a.js("if (window.__es) __es.close();"))
+        _wait_for(lambda: self.a.js("return __opens;") == 1, 5, "stream open")
+        posted = [self.post("default", "before %d" % i)["id"] for i in range(3)]
+        ids = lambda: [event_id for event_id, _ in self.a.js("return __ids;")]
+        _wait_for(lambda: ids() == posted, 3, "live events")
+        self.restart_chat_server(db=path)
+        # Posted before the browser is back: it gets them by sending Last-Event-ID.
+        posted += [self.post("default", "while away %d" % i)["id"] for i in range(2)]
+        _wait_for(lambda: self.a.js("return __opens;") == 2, 15, "reconnected by itself")
+        posted += [self.post("default", "after %d" % i)["id"] for i in range(2)]
+        _wait_for(lambda: len(ids()) >= len(posted), 5, "every event")
+        events = self.a.js("return __ids;")
+        self.assertEqual(ids(), posted, "no loss, no duplicate, in order")
+        self.assertTrue(all(event_id == data_id for event_id, data_id in events))
+
+
+class PageLayoutTest(PageTestCase):
+    """The page at phone width, and screenshots (with CHAT_PAGE_SHOTS=DIR)."""
+
+    def tearDown(self):
+        self.a.set_window_size(1000, 800)
+        self.a.emulate_color_scheme("light")
+        super().tearDown()
+
+    def test_phone_width_touch_targets_and_no_sideways_scrolling(self):
+        for i in range(5):
+            self.post("phone", "a message that is long enough to wrap on a phone screen, number %d" % i, author="ann")
+        self.a.set_window_size(390, 844)
+        self.open(self.a, "phone")
+        self.wait_bodies(self.a, ["a message that is long enough to wrap on a phone screen, number %d" % i
+                                  for i in range(5)])
+        self.a.js("document.getElementById('notify').hidden = false;")      # shown where notifications exist
+        small = self.a.js(
+            "return Array.from(document.querySelectorAll('button, input, textarea')).filter(function (e) {"
+            " return e.getClientRects().length && !e.closest('[hidden]'); }).map(function (e) {"
+            " var r = e.getBoundingClientRect(); return [e.id || e.textContent, r.width, r.height]; })"
+            ".filter(function (x) { return x[1] < 44 || x[2] < 44; });")
+        self.assertEqual(small, [], "touch targets under 44 px")
+        self.assertLessEqual(self.a.js("return document.documentElement.scrollWidth - window.innerWidth;"), 0)
+        self.assertGreater(self.a.js("return document.getElementById('log').clientHeight / window.innerHeight;"),
+                           0.5, "the messages get most of the screen")
+
+    @unittest.skipUnless(os.environ.get("CHAT_PAGE_SHOTS"), "set CHAT_PAGE_SHOTS=DIR to save screenshots")
+    def test_screenshots(self):
+        shots = os.environ["CHAT_PAGE_SHOTS"]
+        os.makedirs(shots, exist_ok=True)
+        path = self.temp_db()
+        self.a.get(self.base)
+        yesterday, older = self.a.js(
+            "function at(days, h, m) { var d = new Date(); d.setDate(d.getDate() - days); d.setHours(h, m, 0, 0);"
+            " return d.getTime() / 1000; } return [at(1, 9, 2), at(5, 16, 40)];")
+        client = "screenshot-browser-1"
+        me = chat_server.client_tag(client)
+        _seed_database(path, [
+            (older, "team", "carol", "Release notes for 1.1 are up: https://example.org/releases/1.1 "
+                                     "(the long-polling part is worth a read).", None),
+            (older + 50, "team", "carol", "Questions welcome.", None),
+            (yesterday, "team", "ann", "Morning! Stand-up in ten minutes?", None),
+            (yesterday + 40, "team", "ann", "Same room as last week.", None),
+            (yesterday + 95, "team", "me", "On my way.", me),
+            (yesterday + 120, "team", "سارة", "صباح الخير! سأنضم بعد قليل.", None),
+            (yesterday + 200, "team", "bob", "Can someone review my change before lunch? It touches the "
+                                             "event stream, so it needs a careful look.", None),
+            (yesterday + 230, "team", "me", "I'll take it.", me),
+            (yesterday + 260, "team", "me", "Looking now; javascript:alert(1) stays plain text.", me),
+        ])
+        self.use_server(*_start_server(db=path))
+        self.post("team", "Thanks! Merged.", author="bob")
+        self.post("team", "Lunch at noon?", author="dave")
+        self.post("team", "Yes, see you there.", author="me", client=client)
+        self.addCleanup(self.cdp, self.a, "Emulation.clearDeviceMetricsOverride")
+        for width, height, kind in ((1000, 800, "desktop"), (390, 844, "phone")):
+            for scheme in ("light", "dark"):
+                # The viewport itself at this size (a window size would include the browser's frame).
+                self.cdp(self.a, "Emulation.setDeviceMetricsOverride", {
+                    "width": width, "height": height, "deviceScaleFactor": 1, "mobile": kind == "phone"})
+                self.a.emulate_color_scheme(scheme)
+                self.a.get(self.base + "#team")
+                self.a.js("localStorage.setItem('chat.client', arguments[0]);"
+                          " localStorage.setItem('chat.tag', arguments[1]);"
+                          " localStorage.setItem('chat.name', 'me');", client, me)
+                self.a.get("about:blank")
+                self.open(self.a, "team")
+                count = len(self.stored("team"))
+                _wait_for(lambda: len(self.a.bodies()) == count, 3, "all shown")
+                self.set_body(self.a, "A long reply. " * 600)
+                _wait_for(lambda: self.shown(self.a, "#count"), 2, "counter")
+                self.a.screenshot(os.path.join(shots, "%s-%s-bottom.png" % (kind, scheme)))
+                self.a.js("var l = document.getElementById('log'); l.scrollTop = (l.scrollHeight - l.clientHeight) / 3;"
+                          " l.dispatchEvent(new Event('scroll'));")
+                self.post("team", "New message while you read (%s, %s)" % (kind, scheme), author="erin")
+                _wait_for(lambda: self.shown(self.a, "#jump"), 3, "new-messages button")
+                self.a.screenshot(os.path.join(shots, "%s-%s-scrolled-up.png" % (kind, scheme)))
+                self.set_body(self.a, "")
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+
+class ReadmeJavaScriptClientTest(PageTestCase):
+    """The README's fetch loop, run in Chromium on the server's own origin, follows the room."""
+
+    def test_the_javascript_loop(self):
+        script = re.search(r"```javascript\n(.*?)```", readme_text(), re.S).group(1)
+        self.post("lobby", "before", "ann")
+        self.a.get(self.base)
+        self.a.js("window.printed = []; console.log = (line) => window.printed.push(line);"
+                  + script + "; follow(location.origin + '/rooms/lobby/messages');")
+        _wait_for(lambda: self.a.js("return window.printed.length") == 1, 5, "the first message printed")
+        self.post("lobby", "after", None)
+        _wait_for(lambda: self.a.js("return window.printed.length") == 2, 5, "the second message printed")
+        self.assertEqual(self.a.js("return window.printed"), ["ann: before", "anonymous: after"])
 
 
 if __name__ == "__main__":
