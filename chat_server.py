@@ -69,6 +69,11 @@ try:
 except ImportError:  # Windows
     resource = None
 
+try:
+    import ctypes
+except ImportError:  # some minimal Python builds leave it out
+    ctypes = None
+
 __version__ = "1.1"
 __all__ = ["ChatServer", "ChatHandler", "Config", "MessageStore", "Database", "make_server", "main"]
 
@@ -181,6 +186,11 @@ THREAD_STACK_BYTES = 512 * 1024
 SWITCH_INTERVAL_S = 1.0
 #: select() on Windows handles at most 512 sockets; past that, hung-up waiters go at their timeout.
 SELECT_WATCH_LIMIT = 500
+#: Buckets of the process's futex hash on Linux 6.16 and later, which gives a process only
+#: 16 buckets on a 2-CPU machine: with 10,000 threads asleep (the pool after a fan-out)
+#: every lock hand-off then walked ~600 waiters, and a post cost twice the CPU (measured:
+#: a futex wake 2.5 us fresh, 53-67 us after a 10k fan-out, 2.5 us again with 16384).
+FUTEX_HASH_SLOTS = 16384
 
 #: The numeric options, with the range each must be in (checked at start-up) and what 0 means.
 OPTION_RANGES = {
@@ -1052,6 +1062,30 @@ ANSWERED, HUNG_UP, SENT_EARLY, CLOSING, SLOW = "answered", "hung up", "sent earl
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)     # not on Windows, where the view alone suffices
 
 
+#: On POSIX a socket's descriptor can be written with os.write: one system call, no socket
+#: object. (A handler's socket is in timeout mode, so its descriptor is non-blocking.)
+WRITE_DIRECTLY = os.name == "posix"
+
+
+def write_nowait(sock_or_fd_args, data):
+    """Bytes of `data` written at once to a non-blocking socket; 0 if it takes none now.
+
+    `sock_or_fd_args` are a Waiter's view_args; OSError if the connection is gone.
+    """
+    if WRITE_DIRECTLY:
+        try:
+            return os.write(sock_or_fd_args[3], data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+    view = nonblocking_view(*sock_or_fd_args)
+    try:
+        return view.send(data, _DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    finally:
+        view.detach()
+
+
 def nonblocking_view(family, type, proto, fd):
     """A second socket object on descriptor `fd`, for a send or peek that never waits.
 
@@ -1085,30 +1119,22 @@ class Waiter:
         self.live = False           # a stream: caught up, so posts write to it
         self.last_write = time.monotonic()
 
-    def _send(self, data):
-        view = nonblocking_view(*self.view_args)
-        try:
-            return view.send(data, _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        finally:
-            view.detach()
-
     def send_nowait(self, data):
         """Write as much of `data` as the socket takes now; the waiter's thread sends the rest."""
         try:
-            sent = self._send(data)
+            sent = write_nowait(self.view_args, data)
         except OSError:
             self.outcome = HUNG_UP
             return
         self.unsent = memoryview(data)[sent:] if sent < len(data) else b""
 
     def send_all_nowait(self, data):
-        """Write all of `data` now, or report False (a slow reader, or a closed socket)."""
+        """Write all of `data` now: None if it went, else why not (SLOW: the socket did not take
+        it all, so the reader is too slow for this stream; HUNG_UP: the connection is gone)."""
         try:
-            return self._send(data) == len(data)
+            return None if write_nowait(self.view_args, data) == len(data) else SLOW
         except OSError:
-            return False
+            return HUNG_UP
 
     def peek(self):
         """After the socket turned readable: HUNG_UP, SENT_EARLY, or None if nothing is there now."""
@@ -1619,7 +1645,7 @@ class ChatServer(ThreadingHTTPServer):
             slow = self._feed_streams(room, streams) if streams else ()
         for waiter, _ in claimed:
             waiter.event.set()
-        self._end_slow_streams(slow)
+        self._end_streams(slow)
 
     def _answer_for(self, room):
         def answer(after, limit):
@@ -1641,13 +1667,14 @@ class ChatServer(ThreadingHTTPServer):
                 events[stream.after] = self._events_after(room, stream.after)
             data, last, count = events[stream.after]
             if data is None:
-                slow.append(stream)     # its cursor is no longer valid: reconnecting gets a reset
+                slow.append((stream, HUNG_UP))  # its cursor is no longer valid: reconnecting gets a reset
             elif data:
-                if stream.send_all_nowait(data):
+                failure = stream.send_all_nowait(data)
+                if failure is None:
                     stream.after, stream.last_write = last, now
                     self.stream_events += count
                 else:
-                    slow.append(stream)
+                    slow.append((stream, failure))
         return slow
 
     def _events_after(self, room, after):
@@ -1659,12 +1686,14 @@ class ChatServer(ThreadingHTTPServer):
             return b"", None, 0
         return encode_events(messages), messages[-1].id, len(messages)
 
-    def _end_slow_streams(self, streams):
-        for stream in streams:
+    def _end_streams(self, ended):
+        """End the streams of [(stream, SLOW or HUNG_UP)]; only slow readers count as cut."""
+        for stream, outcome in ended:
             if self.registry.claim(stream):
-                stream.outcome = SLOW
-                with self._lock:
-                    self.streams_cut += 1
+                stream.outcome = outcome
+                if outcome == SLOW:
+                    with self._lock:
+                        self.streams_cut += 1
                 stream.event.set()
 
     def send_heartbeats(self, now):
@@ -1675,11 +1704,12 @@ class ChatServer(ThreadingHTTPServer):
         slow = []
         with self.fanout_lock:
             for stream in due:
-                if stream.send_all_nowait(b":\n\n"):
+                failure = stream.send_all_nowait(b":\n\n")
+                if failure is None:
                     stream.last_write = now
                 else:
-                    slow.append(stream)
-        self._end_slow_streams(slow)
+                    slow.append((stream, failure))
+        self._end_streams(slow)
 
     # -- status and shutdown --
 
@@ -1787,14 +1817,17 @@ def framing_error(message, status=HTTPStatus.BAD_REQUEST):
     return HTTPError(status, message, close=True)
 
 
-_METHOD = re.compile(rb"[A-Z][A-Z_-]{0,19}\Z")
-_TARGET = re.compile(rb"[\x21-\x7e]+\Z")
-_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
-_ABSOLUTE = re.compile(rb"https?://[^/?#]+(/|\Z)", re.I)
-_FIELD_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_METHOD = re.compile(r"[A-Z][A-Z_-]{0,19}\Z")
+_TARGET = re.compile(r"[\x21-\x7e]+\Z")
+_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])\Z")
+_ABSOLUTE = re.compile(r"https?://[^/?#]+(/|\Z)", re.I)
+_FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+#: A whole header line (name, colon, value; obs-text allowed, controls but tab refused).
+_FIELD_LINE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\Z")
 _BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+\Z")
-_BARE_CR = re.compile(rb"\r[^\n]")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_CR_NOT_LF = re.compile(rb"\r[^\n]")      # in a head still arriving: a CR at its end may be half a CRLF
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;.*)?\Z")
 #: Fields that must not appear twice: a second one would be read differently by different
 #: parsers (request smuggling, a confused Host or token check).
@@ -1826,30 +1859,27 @@ def parse_head(head):
     As strict as nginx or more: HTTPError 400 (or 414, 431, 505, 501, 413) with close for
     anything that a proxy in front could read differently.
     """
-    lines = head.split(b"\n")
-    lines.pop()     # after the last LF
-    for index, line in enumerate(lines):
-        if line.endswith(b"\r"):
-            line = lines[index] = line[:-1]
-        if b"\r" in line:
-            raise framing_error("a bare CR in the request head")
+    if _BARE_CR.search(head):
+        raise framing_error("a bare CR in the request head")
+    # Every CR is now part of a CRLF: read the head as lines ending in LF.
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    lines.pop()     # after the last line end
     request_line = lines[0]
     if len(request_line) > MAX_REQUEST_LINE_BYTES:
         raise framing_error("the request line is longer than %d bytes" % MAX_REQUEST_LINE_BYTES,
                             HTTPStatus.REQUEST_URI_TOO_LONG)
-    parts = request_line.split(b" ")
+    parts = request_line.split(" ")
     if len(parts) != 3:
         raise framing_error("the request line must be METHOD SP TARGET SP HTTP/1.1")
     method, target, version = parts
-    match = _VERSION.match(version)
-    if not match:
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if _VERSION.match(version):
+            raise framing_error("HTTP version %s is not supported; use HTTP/1.1" % version,
+                                HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
         raise framing_error("the request line must end in HTTP/1.1 or HTTP/1.0")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise framing_error("HTTP version %s is not supported; use HTTP/1.1" % version.decode(),
-                            HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
     if not _METHOD.match(method):
         raise framing_error("the method must be a word in capitals, such as GET or POST")
-    if not _TARGET.match(target) or not (target.startswith(b"/") or _ABSOLUTE.match(target)):
+    if not _TARGET.match(target) or not (target.startswith("/") or _ABSOLUTE.match(target)):
         raise framing_error("the request target must be a path starting with / (printable ASCII, no spaces)")
     if len(head) - len(request_line) > MAX_HEADER_BYTES + 2 * len(lines):
         raise framing_error("the headers are longer than %d bytes" % MAX_HEADER_BYTES,
@@ -1858,33 +1888,37 @@ def parse_head(head):
         raise framing_error("more than %d header lines" % MAX_HEADERS, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
     headers = {}
     for line in lines[1:]:
-        if len(line) > MAX_HEADER_LINE_BYTES:
-            raise framing_error("a header line is longer than %d bytes" % MAX_HEADER_LINE_BYTES,
-                                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-        if line[:1] in (b" ", b"\t"):
-            raise framing_error("folded header lines (starting with a space) are not accepted")
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise framing_error("a header line without a colon")
-        if not _FIELD_NAME.match(name):
-            raise framing_error("invalid header name %r (no spaces before the colon)" % name.decode("latin-1")[:40])
-        value = value.strip(b" \t")
-        if _BAD_FIELD_BYTE.search(value):
-            raise framing_error("a control character in header %s" % name.decode("ascii"))
-        key = name.decode("ascii").lower()
-        if key in FRAMING_FIELDS and b"\t" in line:
-            raise framing_error("a tab in header %s" % name.decode("ascii"))    # as nginx refuses it
-        text = value.decode("latin-1")
+        if not _FIELD_LINE.match(line) or len(line) > MAX_HEADER_LINE_BYTES:
+            raise _refused_field_line(line)
+        name, _, value = line.partition(":")
+        key = name.lower()
+        value = value.strip(" \t")
         if key in headers:
             if key in SINGLE_FIELDS:
-                raise framing_error("two %s headers" % name.decode("ascii"))
-            headers[key] += ", " + text
+                raise framing_error("two %s headers" % name)
+            headers[key] += ", " + value
         else:
-            headers[key] = text
-    request = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"),
-                      headers, request_line.decode("latin-1"))
+            headers[key] = value
+            if key in FRAMING_FIELDS and "\t" in line:
+                raise framing_error("a tab in header %s" % name)    # as nginx refuses it
+    request = Request(method, target, version, headers, request_line)
     _check_framing(request)
     return request
+
+
+def _refused_field_line(line):
+    """The HTTPError for a header line that _FIELD_LINE refused, saying why."""
+    if len(line) > MAX_HEADER_LINE_BYTES:
+        return framing_error("a header line is longer than %d bytes" % MAX_HEADER_LINE_BYTES,
+                             HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    if line[:1] in (" ", "\t"):
+        return framing_error("folded header lines (starting with a space) are not accepted")
+    name, colon, _ = line.partition(":")
+    if not colon:
+        return framing_error("a header line without a colon")
+    if not _FIELD_NAME.match(name):
+        return framing_error("invalid header name %r (no spaces before the colon)" % name[:40])
+    return framing_error("a control character in header %s" % name)
 
 
 def _check_framing(request):
@@ -1892,8 +1926,12 @@ def _check_framing(request):
     headers, http10 = request.headers, request.version == "HTTP/1.0"
     if not http10 and not headers.get("host"):
         raise framing_error("an HTTP/1.1 request needs one non-empty Host header")
-    tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
-    request.keep_alive = "close" not in tokens and (not http10 or "keep-alive" in tokens)
+    connection = headers.get("connection")
+    if connection is None:
+        request.keep_alive = not http10
+    else:
+        tokens = {t.strip() for t in connection.lower().split(",")}
+        request.keep_alive = "close" not in tokens and (not http10 or "keep-alive" in tokens)
     coding, length = headers.get("transfer-encoding"), headers.get("content-length")
     if coding is not None:
         if http10:
@@ -1992,7 +2030,7 @@ class RequestReader:
     def _check_partial_head(self):
         # Refuse an oversized head as soon as it shows, not after reading all of it.
         buffer = self.buffer
-        if _BARE_CR.search(buffer):
+        if _CR_NOT_LF.search(buffer):
             raise framing_error("a bare CR in the request head")
         first_end = buffer.find(b"\n")
         if first_end < 0:
@@ -2067,8 +2105,7 @@ class RequestReader:
             if not line:
                 return bytes(body)
             total += len(line)
-            name, colon, value = line.partition(b":")
-            if total > MAX_HEADER_BYTES or not colon or not _FIELD_NAME.match(name) or _BAD_FIELD_BYTE.search(value):
+            if total > MAX_HEADER_BYTES or not _FIELD_LINE.match(line.decode("latin-1")):
                 raise framing_error("a malformed trailer after the chunked body")
 
     def discard_body(self, request):
@@ -2088,6 +2125,8 @@ class RequestReader:
 # Access policy
 # ---------------------------------------------------------------------------
 
+#: Distinct Host values remembered as allowed, so the usual one is checked with a dict lookup.
+ACCEPTED_HOSTS_KEPT = 256
 _HOST_VALUE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::([0-9]{0,5}))?\Z")
 
 
@@ -2146,6 +2185,7 @@ class AccessPolicy:
         # Host as before (the start-up warning says so); "*" asks for that explicitly.
         self.any_host = "*" in names or (not names and not is_loopback_name(self.listen_name or ""))
         self.names = frozenset(names - {"*"})
+        self._accepted = {}     # Host values already found allowed -> (name, port)
 
     def host_allowed(self, name, port):
         """True if a request for `name`:`port` is meant for this server."""
@@ -2163,6 +2203,9 @@ class AccessPolicy:
             value = target.split("/", 3)[2]
         if value is None:
             return None     # HTTP/1.0 without Host: it can only be a direct client
+        host = self._accepted.get(value)
+        if host is not None:
+            return host     # the usual case: the name every client of this server sends
         host = split_host(value)
         if host is None:
             raise HTTPError(400, "the Host header %r is not a host name or address with an optional port"
@@ -2170,6 +2213,8 @@ class AccessPolicy:
         if not self.host_allowed(*host):
             raise HTTPError(421, "this server does not answer to the name %r; if it is its name, "
                             "start the server with --allow-host %s" % (value[:100], host[0][:100]))
+        if len(self._accepted) < ACCEPTED_HOSTS_KEPT:
+            self._accepted[value] = host
         return host
 
     def origin_allowed(self, origin, request_host):
@@ -2303,7 +2348,9 @@ class ChatHandler(BaseHTTPRequestHandler):
     def setup(self):
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fd = self.connection.fileno()
         config = self.server.config
+        self.connection.settimeout(config.idle_timeout)    # timeout mode: a non-blocking descriptor
         self.reader = RequestReader(self.connection, config.idle_timeout, config.request_timeout)
         self.req = None
         self.requestline, self.command, self.request_version = "", None, "HTTP/1.1"
@@ -2479,7 +2526,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             # Without either, the body's end is unknown (the bytes after the head may be it).
             raise HTTPError(411, "send the message with a Content-Length header (curl does), "
                             "or with Transfer-Encoding: chunked", close=True)
-        if not server.rate_limiter.allow(self._rate_key()):
+        if server.rate_limiter.rate and not server.rate_limiter.allow(self._rate_key()):
             wait = server.rate_limiter.retry_after()
             raise HTTPError(429, "too many posts from your address; wait %d s and try again" % wait,
                             headers={"Retry-After": str(wait)})
@@ -2618,6 +2665,16 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._respond(status, json_bytes(obj), headers=headers)
 
     def _send_bytes(self, data):
+        # Usually the socket takes the whole answer at once: write it without the poll()
+        # that a socket in timeout mode makes before each send.
+        if WRITE_DIRECTLY:
+            try:
+                sent = os.write(self.fd, data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
         # A client that does not read its answer gets as long as an idle one.
         timeout = self.server.config.idle_timeout
         if self.connection.gettimeout() != timeout:
@@ -3735,6 +3792,24 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
+def size_futex_hash(slots=FUTEX_HASH_SLOTS):
+    """Give this process a futex hash sized for thousands of threads (Linux 6.16+); the slots
+    in force, or None where the kernel has no private futex hash (nothing to do there).
+
+    Must run before a second thread exists.
+    """
+    if not sys.platform.startswith("linux") or ctypes is None:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_FUTEX_HASH, SET_SLOTS, GET_SLOTS = 78, 1, 2
+        if libc.prctl(PR_FUTEX_HASH, SET_SLOTS, slots, 0, 0) != 0:
+            return None     # EINVAL: an older kernel, with one global hash
+        return libc.prctl(PR_FUTEX_HASH, GET_SLOTS, 0, 0, 0)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line: the flag, what it must be, exit status 2."""
 
@@ -3837,6 +3912,7 @@ def main(argv=None):
         max_connections = max(1, min(max_connections, open_files - FD_RESERVE))
     threading.stack_size(THREAD_STACK_BYTES)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    size_futex_hash()
     options = dict(vars(args))
     for name in ("host", "port", "import_room", "from_db"):
         del options[name]
