@@ -3044,6 +3044,7 @@ class ShutdownTest(ServerTestCase):
             self.assertEqual((result["status"], result["data"]), (200, []))
         self.assertTrue(wait_until(lambda: not any(t.name.startswith("chat-") for t in threading.enumerate())),
                         [t.name for t in threading.enumerate()])
+        self.assertEqual(self.server.pool.stats()["threads"], 0)    # every connection thread has ended
 
 
 @unittest.skipIf(os.name == "nt", "POSIX signals")
