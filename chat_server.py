@@ -2745,15 +2745,19 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 def parse_query(query):
     """The query string as {name: value}; HTTPError 400 for invalid UTF-8 or a name given twice."""
-    if not query:
-        return {}
+    return _form_fields(query, "query string", "query parameter") if query else {}
+
+
+def _form_fields(text, what, item):
+    """{name: value} of form-encoded `text`; HTTPError 400 (naming `what`, `item`) for invalid
+    UTF-8 once %-decoded, or for a name given twice (two parsers would keep different ones)."""
     try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "the query string is not valid UTF-8 form data") from None
+        raise HTTPError(400, "the %s is not valid UTF-8 once %%-decoded" % what) from None
     fields = dict(pairs)
     if len(fields) != len(pairs):
-        raise HTTPError(400, "each query parameter may be given once")
+        raise HTTPError(400, "each %s may be given once" % item)
     return fields
 
 
@@ -2826,18 +2830,12 @@ def _parse_json_object(text):
 
 
 def _parse_form(text):
-    try:
-        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, errors="strict")
-    except (ValueError, UnicodeDecodeError):
-        raise HTTPError(400, "the form data is not valid UTF-8 once %-decoded") from None
-    fields = dict(pairs)
-    if len(fields) != len(pairs):
-        raise HTTPError(400, "each form field may be given once")
-    if "body" not in fields and len(pairs) == 1 and not pairs[0][1]:
+    fields = _form_fields(text, "form data", "form field")
+    if "body" not in fields and len(fields) == 1 and not next(iter(fields.values())):
         # What `curl -d hello` sends: a form field named "hello" with no value.
         raise HTTPError(400, "the form data %r has no 'body' field; send body=%s (curl -d 'body=...', or "
                         "--data-urlencode 'body=...' for text with + & =) or JSON {\"body\": \"...\"}"
-                        % (text[:40], urllib.parse.quote(pairs[0][0][:40])))
+                        % (text[:40], urllib.parse.quote(next(iter(fields))[:40])))
     return fields
 
 

@@ -3521,8 +3521,8 @@ def _stop_server(server, thread):
     thread.join(10)
 
 
-class BrowserTest(unittest.TestCase):
-    """The HTML page against a real in-process server, in two headless Chromium sessions."""
+class ChromiumTestCase(unittest.TestCase):
+    """Two headless Chromium sessions (fresh profiles) for the class, through chromedriver."""
 
     driver = None
     a = b = None
@@ -3554,6 +3554,10 @@ class BrowserTest(unittest.TestCase):
         if cls.driver is not None:
             cls.driver.stop()
             cls.driver = None
+
+
+class BrowserTest(ChromiumTestCase):
+    """The HTML page against a real in-process server, in two headless Chromium sessions."""
 
     def setUp(self):
         self.server, self.thread = _start_server()
@@ -3861,39 +3865,8 @@ class _PrefixProxy(_LoopbackSite):
         self.reply(handler, status, out, data)
 
 
-class PageTestCase(unittest.TestCase):
+class PageTestCase(ChromiumTestCase):
     """Two headless Chromium sessions for the class, a fresh chat server for each test."""
-
-    driver = None
-    a = b = None
-
-    @classmethod
-    def setUpClass(cls):
-        driver_path, chrome_path = _find_chromedriver(), _find_chrome()
-        if not driver_path:
-            raise unittest.SkipTest("chromedriver not found on PATH (set CHROMEDRIVER to its path)")
-        if not chrome_path:
-            raise unittest.SkipTest("Chromium/Chrome not found on PATH (set CHROME_BIN to its path)")
-        cls.driver = _ChromeDriver(driver_path, chrome_path)
-        try:
-            cls.a = cls.driver.new_browser()
-            cls.b = cls.driver.new_browser()
-        except Exception:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        for browser in (cls.a, cls.b):
-            if browser is not None:
-                try:
-                    browser.quit()
-                except Exception:
-                    pass
-        cls.a = cls.b = None
-        if cls.driver is not None:
-            cls.driver.stop()
-            cls.driver = None
 
     def setUp(self):
         self.server = self.thread = None

@@ -497,13 +497,19 @@ class Conn:
         if not self.out:
             self.loop.sel.modify(self.sock, selectors.EVENT_READ, self)
 
-    def on_read(self):
+    def receive(self):
+        """Bytes read now, b"" when the connection has ended, None when there are none yet."""
         try:
-            data = self.sock.recv(262144)
+            return self.sock.recv(262144)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
-            data = b""
+            return b""
+
+    def on_read(self):
+        data = self.receive()
+        if data is None:
+            return
         if not data:
             self.fail()
             return
@@ -572,12 +578,9 @@ class StreamConn(Conn):
         self.events = self.heartbeats = self.resets = self.junk = 0
 
     def on_read(self):
-        try:
-            data = self.sock.recv(262144)
-        except (BlockingIOError, InterruptedError):
+        data = self.receive()
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.end("closed by the server" if self.t_head is not None else "closed before the head")
             return
