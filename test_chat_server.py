@@ -1203,6 +1203,16 @@ class FoundInputTest(ServerTestCase):
             self.assertEqual(headers["connection"], "close")
             self.assertTrue(closed_by_peer(sock))
 
+    def test_oversized_heads_are_refused_before_the_rest_arrives(self):
+        for start, status in ((b"GET /" + b"a" * 9000, 414),
+                              (b"GET / HTTP/1.1\r\nHost: HOST\r\nX-Big: " + b"a" * 9000, 431),
+                              (b"GET / HTTP/1.1\r\nHost: HOST\r\n" + b"X-Many: aaaaaaaaaaaaaaaaaaaa\r\n" * 1600, 431)):
+            with self.subTest(status=status, size=len(start)):
+                with socket.create_connection(self.address, timeout=5) as sock:
+                    self.send_raw(sock, start)      # and never the rest: no line end, no blank line
+                    got, headers, _ = read_response(sock)
+                    self.assertEqual((got, headers["connection"]), (status, "close"))
+
     def test_chunked_bodies_are_decoded_within_the_limit(self):
         conn = self.connect()
         conn.request("POST", "/messages", body=iter([b'{"body": ', b'"in pieces"}']),
@@ -1402,6 +1412,16 @@ class FoundStorageTest(ServerTestCase):
         thread.join(60)
         self.assertTrue(answered_during_prune, "the prune ended before the first post was answered")
         self.assertEqual(database.oldest_id("old"), rows[-1][0])
+
+    def test_a_room_pruned_to_nothing_stops_counting_against_max_rooms(self):
+        server = self.start_server(db=os.path.join(self.tmp.name, "rooms.db"), max_rooms=1)
+        server.store.add("old", "soon gone")
+        with self.assertRaises(chat_server.RoomLimitReached):
+            server.store.add("new", "no room for it")
+        with mock.patch("time.time", return_value=time.time() + 3 * 86400):
+            server.store.prune(retain_count=0, retain_days=1)
+        self.assertEqual(server.stats()["rooms"], 0)
+        self.assertEqual(server.store.add("new", "room again").room, "new")
 
     def test_the_wal_is_checkpointed(self):
         for i in range(300):
