@@ -3142,7 +3142,7 @@ class BenchmarkTest(unittest.TestCase):
         out = proc.stdout.decode("utf-8", "replace")
         self.assertEqual(proc.returncode, 0, out[-3000:] + proc.stderr.decode("utf-8", "replace")[-2000:])
         seen = {json.loads(line)["scenario"] for line in out.splitlines() if line.startswith("{")}
-        self.assertEqual(seen, {"wake", "fanout", "idle", "post", "order", "stream"})
+        self.assertEqual(seen, {"wake", "fanout", "idle", "post", "order", "stream", "shards"})
 
 
 # ---------------------------------------------------------------------------

@@ -5,12 +5,15 @@ Run:    python bench/bench.py                 # every scenario, full sizes (abou
         python bench/bench.py --quick         # smallest sizes, well under a minute (used by a unit test)
         python bench/bench.py --only wake,fanout --fanout-sizes 10000 --recovery-runs 10
         python bench/bench.py --only post,stream --post-fanout 5000 --stream-sizes 1000,10000
+        python bench/bench.py --only shards --shard-clients 64 --shard-waiters 5000
 
 Starts ../chat_server.py (relative to this file) as a separate process for each scenario size
 (`--port 0 --quiet --db :memory:`, or a database file in a temporary directory for the durable
 posting rows), reads the port from its first stdout line, pins it to one CPU and this process to
 another (taskset / os.sched_setaffinity, where available), and drives it from a single-threaded
-load generator over raw non-blocking sockets (selectors), loopback only.
+load generator over raw non-blocking sockets (selectors), loopback only. The shards scenario also
+starts a private nginx (`nginx -p DIR -c CONF`, daemon off, everything in the temporary directory;
+the system's nginx and /etc/nginx are never touched) and speaks TLS to it.
 
 Scenarios
     wake    W waiters parked on a room, one POST: latency from just before the POST is written until
@@ -37,12 +40,33 @@ Scenarios
             max). (c) During (b), some streams are closed from our side mid-run and reopened with
             Last-Event-ID = the last id each received: at the end every stream must have every
             posted id exactly once, in order. Also reports /stats `streams_cut`.
+    shards  The README's "More than one core" deployment, measured: its ```nginx block
+            `# /etc/nginx/conf.d/chat-shards.conf` and its shard command lines are read from ../README.md
+            and changed only as the tests change them (ports, file paths, a throwaway `openssl req -x509`
+            certificate; the block stays `listen ... ssl`, so the load generator speaks TLS, verifying
+            the certificate). Run twice: 1 shard (the same block with the upstream's second `server`
+            line deleted) and 2 shards, each shard with its own database file, as the README runs them.
+            Each run: --shard-clients keep-alive clients post through nginx as fast as answered,
+            client i to room i % 8 (the 2-shard run picks 8 room names that split 4 + 4: the hash
+            covers the shards' random ports, so fixed names would split by luck), for --shard-seconds:
+            posts/s, p50/p99/max, each process's CPU from /proc (shards, nginx master and workers,
+            this load generator, irq/softirq, and what other processes took: the machine is shared),
+            CPU per post; the 2-shard run adds the ratio 2 shards / 1 shard. Each room's posts must
+            all reach one shard: every shard's /stats `posts` (read through the block's
+            /shards/<port>/stats location) must rise by exactly the posts of the rooms homed on it.
+            Then --shard-waiters long polls, spread over the 8 rooms (so over both shards), and one
+            POST to each room at once: time until all are answered (per shard too).
+            Pinning on 2 CPUs: 1 shard on the first, nginx and the load generator on the second;
+            2 shards one on each CPU, nginx and the load generator unpinned (they compete with the
+            shards: that is what 2 cores give). On 4 or more CPUs nginx and the load generator get
+            CPUs of their own in both runs. A row says "skipped" without README.md, nginx or openssl.
 
 Output: one JSON line per scenario size (post: per row) as it finishes (stdout), then one aligned table
 with PASS/MISS against the targets. Progress goes to stderr.
 Exit status: 0; 1 if ordering (order, stream) found a lost/duplicated/reordered message or any
 scenario could not run correctly (exception, wrong status, a waiter never answered, a stream ended
-by the server). Missed targets do not change it.
+by the server, a failed request through nginx, a room whose posts reached two shards). Missed
+targets do not change it.
 """
 
 import argparse
@@ -51,8 +75,10 @@ import math
 import os
 import re
 import selectors
+import shlex
 import shutil
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -73,7 +99,7 @@ LONG_POLL_S = 120                       # ?timeout= for fan-out/idle waiters (se
 LINGER_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, leaves no TIME_WAIT
 RECONNECT_GAP_S = 0.2                   # stream rate: streams we close mid-run are reopened after this
 
-SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream")
+SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards")
 
 
 def log(msg):
@@ -111,26 +137,26 @@ def ms(x):
 # HTTP bytes
 
 
-def build_request(method, path, body=b"", ctype="application/json"):
+def build_request(method, path, body=b"", ctype="application/json", host=HOST):
     """One complete HTTP/1.1 keep-alive request as bytes."""
-    head = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, HOST)
+    head = "%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, host)
     if method in ("POST", "PUT") or body:
         head += "Content-Type: %s\r\nContent-Length: %d\r\n" % (ctype, len(body))
     return (head + "\r\n").encode("ascii") + body
 
 
-def post_request(room, text, author="bench"):
+def post_request(room, text, author="bench", host=HOST):
     """A JSON POST of one message to `room`."""
     body = json.dumps({"body": text, "author": author}).encode("utf-8")
-    return build_request("POST", "/rooms/%s/messages" % room, body)
+    return build_request("POST", "/rooms/%s/messages" % room, body, host=host)
 
 
-def poll_request(room, after, timeout, limit=None):
+def poll_request(room, after, timeout, limit=None, host=HOST):
     """A long-poll GET on `room` after cursor `after`."""
     path = "/rooms/%s/messages?after=%s&timeout=%s" % (room, after, timeout)
     if limit:
         path += "&limit=%d" % limit
-    return build_request("GET", path)
+    return build_request("GET", path, host=host)
 
 
 def stream_request(room, after=None, last_event_id=None):
@@ -272,9 +298,11 @@ class Server:
 
     count = 0
 
-    def __init__(self, ctx, db=":memory:"):
+    def __init__(self, ctx, db=":memory:", args=None, cpus="server"):
         self.ctx = ctx
         self.db = db
+        self.args = args        # the server's flags instead of the bench's own (shards: the README's)
+        self.cpus = ctx.server_cpu if cpus == "server" else cpus    # taskset -c list, or None
         self.proc = None
         self.port = None
         self.first_line = ""
@@ -286,12 +314,15 @@ class Server:
         Server.count += 1
         base = os.path.join(ctx.tmpdir, "server-%d" % Server.count)
         self.out_path, self.err_path = base + ".out", base + ".err"
-        cmd = [sys.executable, ctx.server_path, "--host", HOST, "--port", "0", "--quiet",
-               "--db", self.db, "--max-waiters", str(ctx.max_waiters),
-               "--max-connections", str(ctx.max_connections), "--max-timeout", "300",
-               "--allow-host", HOST]    # the load generator's requests say "Host: 127.0.0.1", without the port
-        if ctx.server_cpu is not None:
-            cmd = ["taskset", "-c", str(ctx.server_cpu)] + cmd   # exec: same PID, threads inherit
+        if self.args is not None:
+            cmd = [sys.executable, ctx.server_path] + list(self.args)
+        else:
+            cmd = [sys.executable, ctx.server_path, "--host", HOST, "--port", "0", "--quiet",
+                   "--db", self.db, "--max-waiters", str(ctx.max_waiters),
+                   "--max-connections", str(ctx.max_connections), "--max-timeout", "300",
+                   "--allow-host", HOST]    # the load generator's requests say "Host: 127.0.0.1", without the port
+        if self.cpus is not None:
+            cmd = ["taskset", "-c", str(self.cpus)] + cmd   # exec: same PID, threads inherit
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                          cwd=ctx.tmpdir)
@@ -366,11 +397,14 @@ class Server:
 class Ctl:
     """A keep-alive blocking connection for /stats, /healthz and single requests."""
 
-    def __init__(self, port, timeout=CTL_TIMEOUT_S):
+    def __init__(self, port, timeout=CTL_TIMEOUT_S, tls=None, host=HOST):
         self.port = port
         self.timeout = timeout
+        self.tls = tls              # (ssl.SSLContext, server name) to speak TLS (to nginx), or None
+        self.host = host            # the Host header of get_json/stats/post
         self.sock = None
         self.buf = b""
+        self.last_head = b""
 
     def close(self):
         if self.sock is not None:
@@ -386,6 +420,12 @@ class Ctl:
             if not reused:
                 self.sock = socket.create_connection((HOST, self.port), timeout=timeout)
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.tls is not None:
+                    try:
+                        self.sock = self.tls[0].wrap_socket(self.sock, server_hostname=self.tls[1])
+                    except Exception:
+                        self.close()
+                        raise
                 self.buf = b""
             self.sock.settimeout(timeout)
             try:
@@ -405,6 +445,7 @@ class Ctl:
             if r is not None:
                 status, head, body, end = r
                 self.buf = self.buf[end:]
+                self.last_head = head
                 if b"onnection: close" in head or b"onnection: Close" in head:
                     self.close()
                 return status, body
@@ -423,7 +464,7 @@ class Ctl:
             self.buf += data
 
     def get_json(self, path, timeout=None):
-        status, body = self.request(build_request("GET", path), timeout)
+        status, body = self.request(build_request("GET", path, host=self.host), timeout)
         return status, json.loads(body.decode("utf-8")) if body else None
 
     def stats(self):
@@ -434,7 +475,7 @@ class Ctl:
 
     def post(self, room, text):
         """POST one message, return its id."""
-        status, body = self.request(post_request(room, text))
+        status, body = self.request(post_request(room, text, host=self.host))
         if status != 201:
             raise ProtocolError("POST answered %s: %r" % (status, body[:200]))
         return json.loads(body.decode("utf-8"))["id"]
@@ -451,6 +492,7 @@ class Conn:
     """
 
     __slots__ = ("sock", "buf", "out", "on_resp", "t_sent", "pending", "dead", "loop", "tag")
+    AGAIN = (BlockingIOError, InterruptedError)     # "not now": TLSConn adds SSLWantRead/WriteError
 
     def __init__(self, sock, loop, on_resp, tag=None):
         self.sock = sock
@@ -475,7 +517,7 @@ class Conn:
             return True
         try:
             n = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
+        except self.AGAIN:
             n = 0
         except OSError:
             self.fail()
@@ -488,7 +530,7 @@ class Conn:
     def on_write(self):
         try:
             n = self.sock.send(self.out)
-        except (BlockingIOError, InterruptedError):
+        except self.AGAIN:
             return
         except OSError:
             self.fail()
@@ -657,12 +699,117 @@ class StreamConn(Conn):
         self.on_resp(self, None, now())
 
 
+class TLSConn(Conn):
+    """A Conn over TLS (the shards scenario speaks to nginx's `listen ... ssl`): made by Loop.connect_tls
+    with do_handshake_on_connect=False; the handshake is driven by the loop's read/write events, and
+    requests sent before it completes wait in `out`. Afterwards the same keep-alive framing as Conn, with
+    ssl.SSLWantReadError/SSLWantWriteError as "not now". `closing` is set when a response says
+    "Connection: close" (nginx's keepalive_requests): the caller opens a new connection.
+    """
+
+    __slots__ = ("hs", "closing")
+    AGAIN = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+    def __init__(self, sock, loop, on_resp, tag=None):
+        Conn.__init__(self, sock, loop, on_resp, tag)
+        self.hs = True
+        self.closing = False
+
+    def handshake(self):
+        """One step of the non-blocking handshake; at its end, write what was queued."""
+        if self.dead:
+            return
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.loop.sel.modify(self.sock, selectors.EVENT_READ, self)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
+            return
+        except (OSError, ValueError) as e:                 # ssl.SSLError (certificate, protocol), reset, ...
+            self.loop.tls_errors += 1
+            if self.loop.tls_errors <= 3:
+                log("TLS handshake failed: %s: %s" % (type(e).__name__, e))
+            self.fail()
+            return
+        self.hs = False
+        if self.out:
+            self.loop.sel.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
+            self.on_write()
+        else:
+            self.loop.sel.modify(self.sock, selectors.EVENT_READ, self)
+
+    def send(self, data):
+        if self.hs and not self.dead:                       # queued until the handshake is done
+            self.t_sent = now()
+            self.pending += 1
+            self.out += data
+            return True
+        return Conn.send(self, data)
+
+    def on_write(self):
+        if self.hs:
+            self.handshake()
+        else:
+            Conn.on_write(self)
+
+    def receive(self):
+        """Every decrypted byte available now (a TLS record at a time, until the next one is incomplete:
+        what OpenSSL holds is invisible to select), b"" at the end, None if none yet."""
+        chunks = []
+        while True:
+            try:
+                data = self.sock.recv(262144)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+                break
+            except OSError:                                 # SSLZeroReturnError, SSLError, reset
+                data = b""
+            if not data:
+                if chunks:
+                    break                                   # the end shows again on the next read event
+                return b""
+            chunks.append(data)
+        return b"".join(chunks) if chunks else None
+
+    def on_read(self):
+        if self.hs:
+            self.handshake()
+            return
+        data = self.receive()
+        if data is None:
+            return
+        if not data:
+            self.fail()
+            return
+        buf = self.buf + data if self.buf else data
+        while buf:
+            try:
+                r = parse_response(buf)
+            except (ProtocolError, ValueError):
+                self.buf = b""
+                self.fail()
+                return
+            if r is None:
+                break
+            status, head, body, end = r
+            buf = buf[end:]
+            self.pending -= 1
+            if b"onnection: close" in head:
+                self.closing = True
+            self.on_resp(self, status, body, now())
+            if self.dead:
+                return
+        self.buf = buf
+
+
 class Loop:
     """A selector and the loop that drives every Conn registered on it."""
 
     def __init__(self):
         self.sel = selectors.DefaultSelector()
         self.dropped = 0        # connections the server closed with a request outstanding
+        self.tls_errors = 0     # TLS handshakes that failed (TLSConn)
 
     def connect(self, port, on_resp, tag=None, timeout=5.0, cls=None):
         """A new connected Conn, or `cls` (StreamConn), (blocking connect with a timeout, then non-blocking)."""
@@ -677,6 +824,24 @@ class Loop:
             s.close()
             raise
         return (cls or Conn)(s, self, on_resp, tag)
+
+    def connect_tls(self, port, tls, on_resp, tag=None, timeout=5.0):
+        """A new TLSConn: blocking TCP connect (loopback) with a timeout, then a non-blocking TLS handshake
+        driven by the loop (requests sent meanwhile wait for it). tls is (ssl.SSLContext, server name)."""
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.connect((HOST, port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
+            s.setblocking(False)
+            t = tls[0].wrap_socket(s, server_hostname=tls[1], do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            s.close()
+            raise
+        c = TLSConn(t, self, on_resp, tag)
+        c.handshake()
+        return c
 
     def forget(self, conn):
         try:
@@ -975,7 +1140,9 @@ def scenario_fanout(ctx, n):
         cursor = ctl.post(room, "start")
         st, on_wait, on_post = fanout_callbacks()
         poster = loop.connect(srv.port, on_post)
-        base = ctl.stats()
+        # The poster's connection must be counted before `base` is taken, or the
+        # return to `base` after the mass leave can never be seen.
+        _, base = wait_stats(ctl, lambda x: x.get("connections", 0) >= 2, 5.0)
         rss0 = srv.rss()
         t_park = now()
         conns, cerr, ok = park(ctx, srv.port, ctl, loop, n, poll_request(room, cursor, LONG_POLL_S), on_wait, st,
@@ -1218,7 +1385,9 @@ def post_fanout(ctx, srv, db_kind):
         cursor = ctl.post(room, "start")
         st, on_wait, on_post = fanout_callbacks()
         poster = loop.connect(srv.port, on_post)
-        base = ctl.stats()
+        # The start to come back to includes the poster, which stays: wait until the server
+        # has counted its connection (accepted on the server's own time), or the end never matches.
+        _, base = wait_stats(ctl, lambda x: x.get("connections", 0) >= 2, 5.0)
         t_park = now()
         conns, cerr, ok = park(ctx, srv.port, ctl, loop, n, poll_request(room, cursor, LONG_POLL_S), on_wait, st,
                                timeout=ctx.park_timeout)
@@ -1799,6 +1968,626 @@ def scenario_stream_rate(ctx, n, rate, seconds, reconnects):
 
 
 # ---------------------------------------------------------------------------------------------------
+# shards: the README's sharding nginx configuration (TLS), one shard against two
+
+
+SHARD_ROOMS = ["room-%d" % i for i in range(8)]    # the 1-shard run's rooms; 2 shards: shard_rooms()
+SHARD_CANDIDATES = 256  # room names tried for an even split (the hash depends on the shards' random ports)
+SHARD_BLOCK = "# /etc/nginx/conf.d/chat-shards.conf"   # how the README's nginx block starts
+SHARD_COMMAND = "python3 chat_server.py --port 808"     # how the README's shard command lines start
+SHARD_POLL_S = 45       # fan-out waiters: below the servers' default --max-timeout (50) and nginx's 65 s
+TLS_BATCH = 200         # TLS connections opened between two waits for their handshakes (nginx's backlog: 511)
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+def shard_prerequisites():
+    """(the README's sharding nginx block, its shard command lines, None), or (None, None, why we skip)."""
+    path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        return None, None, "no README.md beside bench/ (%s): the nginx block comes from it" % e.strerror
+    blocks = [b for b in re.findall(r"```nginx\n(.*?)```", text, re.S) if b.startswith(SHARD_BLOCK)]
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith(SHARD_COMMAND)]
+    if len(blocks) != 1:
+        return None, None, "README.md: %d ```nginx blocks start with %r, not 1" % (len(blocks), SHARD_BLOCK)
+    if len(commands) < 2:
+        return None, None, "README.md: %d command lines start with %r, not 2" % (len(commands), SHARD_COMMAND)
+    if not NGINX:
+        return None, None, "nginx is not installed (apt-get install nginx)"
+    if not shutil.which("openssl"):
+        return None, None, "openssl is not installed (it makes the throwaway certificate)"
+    return blocks[0], commands, None
+
+
+def set_flag(args, flag, value):
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+
+
+def shard_args(command, db):
+    """The README's shard command line, after "python3 chat_server.py": port 0 (we read it), our database
+    file, loopback (the README's lines already listen on the default, 127.0.0.1), --quiet."""
+    args = shlex.split(command)[2:]
+    set_flag(args, "--port", "0")
+    set_flag(args, "--db", db)
+    set_flag(args, "--host", HOST)
+    if "--quiet" not in args:
+        args.append("--quiet")
+    return args
+
+
+def shard_site(block, ports, listen_port, cert, key):
+    """The README's sharding block for len(ports) shards, changing only ports, paths and the certificate,
+    as test_chat_server.py's NginxDeploymentTest does; (site, server name). With fewer shards than the
+    README's upstream has, the upstream's extra `server` lines are deleted and their port in the
+    /shards/ location becomes the last shard's (for one shard: `(?<shard>P|P)`)."""
+    readme_ports = re.findall(r"^\s*server\s+127\.0\.0\.1:(\d+)\b", block, re.M)
+    if len(readme_ports) < len(ports):
+        raise ProtocolError("README block: %d upstream servers, need %d" % (len(readme_ports), len(ports)))
+    for p in readme_ports[len(ports):]:
+        block = re.sub(r"^\s*server\s+127\.0\.0\.1:%s\b.*\n" % p, "", block, flags=re.M)
+    mapping = {p: str(ports[min(i, len(ports) - 1)]) for i, p in enumerate(readme_ports)}
+    block = re.sub(r"\b(%s)\b" % "|".join(readme_ports), lambda m: mapping[m.group(1)], block)
+    block, n_listen = re.subn(r"\blisten\s+443\s+ssl\s*;", "listen %s:%d ssl;" % (HOST, listen_port), block)
+    block, n_cert = re.subn(r"(\bssl_certificate\s+)[^;\s]+;", lambda m: m.group(1) + cert + ";", block)
+    block, n_key = re.subn(r"(\bssl_certificate_key\s+)[^;\s]+;", lambda m: m.group(1) + key + ";", block)
+    if (n_listen, n_cert, n_key) != (1, 1, 1):
+        raise ProtocolError("README block: expected one `listen 443 ssl;`, ssl_certificate and _key, found %d/%d/%d"
+                            % (n_listen, n_cert, n_key))
+    listens = re.findall(r"^\s*listen\s+([^;]+);", block, re.M)
+    if any(not x.startswith("%s:" % HOST) for x in listens):
+        raise ProtocolError("README block listens elsewhere than loopback after our changes: %s" % listens)
+    m = re.search(r"^\s*server_name\s+([^;\s]+)", block, re.M)
+    return block, (m.group(1) if m else "localhost")
+
+
+def make_certificate(directory, name):
+    """A throwaway self-signed certificate for `name` (as the tests make theirs): (cert, key) paths."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=" + name, "-addext", "subjectAltName=DNS:" + name],
+                   check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    return cert, key
+
+
+def free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def proc_children(pid):
+    """PIDs of pid's children (nginx's workers)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    kids = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return kids
+    for name in names:
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                        kids.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+class Nginx:
+    """A private nginx, started as test_chat_server.py's PrivateNginx starts one: `nginx -p DIR -c CONF`,
+    daemon off, pid, logs and temp paths in DIR, `user root;` when we are root, the site included from
+    DIR/site.conf; `-e` keeps even its start-up messages in DIR. Stopped by its own PID (SIGTERM: fast
+    shutdown), and its workers by theirs if it had to be killed. The system's nginx is never touched."""
+
+    def __init__(self, directory, site, workers, connections, cpus=None):
+        self.dir, self.site, self.workers, self.connections, self.cpus = directory, site, workers, connections, cpus
+        self.proc = None
+        self.worker_list = []
+
+    def start(self):
+        d = self.dir
+        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(d, "tmp", sub), exist_ok=True)
+        with open(os.path.join(d, "site.conf"), "w") as f:
+            f.write(self.site)
+        self.conf = os.path.join(d, "nginx.conf")
+        self.err_path = os.path.join(d, "error.log")
+        with open(self.conf, "w") as f:
+            f.write("""daemon off;
+worker_processes %(workers)d;
+%(user)s
+pid %(d)s/nginx.pid;
+error_log %(d)s/error.log notice;
+events { worker_connections %(conns)d; }
+http {
+    client_body_temp_path %(d)s/tmp/client_body;
+    proxy_temp_path %(d)s/tmp/proxy;
+    fastcgi_temp_path %(d)s/tmp/fastcgi;
+    uwsgi_temp_path %(d)s/tmp/uwsgi;
+    scgi_temp_path %(d)s/tmp/scgi;
+    access_log %(d)s/access.log;
+    include %(d)s/site.conf;
+}
+""" % {"d": d, "workers": self.workers, "conns": self.connections,
+       "user": "user root;" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""})
+        base = [NGINX, "-e", self.err_path, "-p", d, "-c", self.conf]
+        check = subprocess.run(base[:1] + ["-t"] + base[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=30)
+        if check.returncode != 0:
+            raise ServerStartError("nginx -t refused the configuration: %s"
+                                   % check.stderr.decode("utf-8", "replace").strip().replace("\n", " | ")[-400:])
+        cmd = base if self.cpus is None else ["taskset", "-c", self.cpus] + base
+        with open(os.path.join(d, "stderr.log"), "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        return self
+
+    def wait_ready(self, ctl, bound=10.0):
+        """Until GET /healthz through it answers 200 and its workers are up; bounded."""
+        deadline = now() + bound
+        while now() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError("nginx exited with status %s: %s" % (self.proc.returncode, self.error_tail()))
+            try:
+                ctl.timeout = 2.0
+                if ctl.request(build_request("GET", "/healthz", host=ctl.host))[0] == 200:
+                    self.worker_list = proc_children(self.proc.pid)
+                    if len(self.worker_list) >= self.workers:
+                        return
+            except (OSError, EOFError, ProtocolError):
+                ctl.close()
+            finally:
+                ctl.timeout = CTL_TIMEOUT_S
+            time.sleep(0.05)
+        raise ServerStartError("nginx: no 200 for /healthz within %.0f s: %s" % (bound, self.error_tail()))
+
+    def cpu(self):
+        """CPU seconds of the master and its workers (None without /proc)."""
+        total = proc_cpu_seconds(self.proc.pid)
+        if total is None:
+            return None
+        for w in self.worker_list:
+            total += proc_cpu_seconds(w) or 0.0
+        return total
+
+    def error_tail(self, n=400):
+        try:
+            with open(self.err_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return ""
+        lines = [x for x in data.decode("utf-8", "replace").splitlines()
+                 if "[error]" in x or "[crit]" in x or "[alert]" in x or "[emerg]" in x]
+        return " | ".join(lines)[-n:]
+
+    def stop(self):
+        p = self.proc
+        if p is None:
+            return None
+        workers = proc_children(p.pid) or self.worker_list
+        if p.poll() is None:
+            try:
+                p.terminate()
+                p.wait(SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log("nginx pid %d ignored SIGTERM for %.0f s: killing it" % (p.pid, SERVER_STOP_TIMEOUT_S))
+                p.kill()
+                p.wait(5)
+        for w in workers:                                   # only if the master had to be killed
+            try:
+                with open("/proc/%d/stat" % w, "rb") as f:
+                    if b"(nginx)" not in f.read(64):
+                        continue
+                os.kill(w, 9)
+            except (OSError, ValueError):
+                pass
+        return p.returncode
+
+
+def shard_layout(ctx, k):
+    """Where the k shards, nginx and the load generator run: (shard CPU lists, nginx's, ours, text).
+
+    2 CPUs: 1 shard: the shard on the first, nginx and the load generator on the second; 2 shards: one
+    shard on each, nginx and the load generator unpinned (on both: they compete with the shards, which
+    is what 2 cores give). 3 CPUs: shards on the first two, nginx and load on the third; 4 or more:
+    nginx and the load generator on CPUs of their own, the same in both runs. Not pinned: nothing is.
+    """
+    cpus = ctx.cpus
+    if not cpus:
+        return [None] * k, None, None, "not pinned"
+    c = [str(x) for x in cpus]
+    if len(c) >= 4:
+        shards, ng, ld = c[:k], c[2], c[3]
+    elif len(c) == 3:
+        shards, ng, ld = c[:k], c[2], c[2]
+    elif k == 1:
+        shards, ng, ld = c[:1], c[1], c[1]
+    else:
+        shards, ng, ld = c[:2], ",".join(c), ",".join(c)
+    if ng == ld:
+        front = "nginx and load generator on CPU%s %s" % ("s" if "," in ng else "", ng)
+        if k == 2 and len(c) == 2:
+            front = "nginx and load generator unpinned (CPUs %s)" % ng
+    else:
+        front = "nginx on CPU %s, load generator on CPU %s" % (ng, ld)
+    text = "%s on CPU %s; %s" % ("shard" if k == 1 else "shards", " and ".join(shards), front)
+    return shards, ng, {int(x) for x in ld.split(",")}, text
+
+
+def proc_stat_cpus():
+    """{cpu: (user+nice+system, irq+softirq, steal)} seconds, from /proc/stat ({} without it)."""
+    out = {}
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"cpu") and line[3:4].isdigit():
+                    parts = line.split()
+                    v = [int(x) for x in parts[1:9]]
+                    out[int(parts[0][3:])] = ((v[0] + v[1] + v[2]) / float(CLK_TCK), (v[5] + v[6]) / float(CLK_TCK),
+                                              v[7] / float(CLK_TCK))
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def shard_snapshot(servers, nginx):
+    return {"t": now(), "shards": [s.cpu() for s in servers], "nginx": nginx.cpu(), "load": self_cpu(),
+            "cpus": proc_stat_cpus()}
+
+
+def shard_cpu(s0, s1, cpus, count=None):
+    """CPU between two snapshots: % of a core for each shard, nginx, the load generator, everything else
+    on `cpus` (other processes and steal: the noise), irq/softirq; and per item of `count` (us)."""
+    dt = max(1e-9, s1["t"] - s0["t"])
+    out = {}
+    if None in s0["shards"] or None in s1["shards"] or s0["nginx"] is None or s1["nginx"] is None:
+        return out
+    shards = [b - a for a, b in zip(s0["shards"], s1["shards"])]
+    ng, ld = s1["nginx"] - s0["nginx"], s1["load"] - s0["load"]
+    out["shard_cpu_pct"] = [rnd(x / dt * 100.0, 1) for x in shards]
+    out["nginx_cpu_pct"] = rnd(ng / dt * 100.0, 1)
+    out["load_cpu_pct"] = rnd(ld / dt * 100.0, 1)
+    cs = [x for x in (cpus or sorted(s1["cpus"])) if x in s0["cpus"] and x in s1["cpus"]]
+    if cs and dt >= 0.1:
+        work = sum(s1["cpus"][x][0] - s0["cpus"][x][0] for x in cs)
+        irq = sum(s1["cpus"][x][1] - s0["cpus"][x][1] for x in cs)
+        steal = sum(s1["cpus"][x][2] - s0["cpus"][x][2] for x in cs)
+        out["others_cpu_pct"] = rnd(max(0.0, work + steal - sum(shards) - ng - ld) / dt * 100.0, 1)
+        out["steal_cpu_pct"] = rnd(steal / dt * 100.0, 1)
+        out["irq_cpu_pct"] = rnd(irq / dt * 100.0, 1)
+        out["cpus_counted"] = len(cs)
+    if count:
+        out["shard_us_per_post"] = rnd(sum(shards) / count * 1e6, 1)
+        out["nginx_us_per_post"] = rnd(ng / count * 1e6, 1)
+        out["load_us_per_post"] = rnd(ld / count * 1e6, 1)
+    return out
+
+
+def shard_stats(ctl, ports):
+    """Each shard's /stats, through the README block's /shards/<port>/stats location."""
+    out = []
+    for p in ports:
+        status, obj = ctl.get_json("/shards/%d/stats" % p)
+        if status != 200 or not isinstance(obj, dict):
+            raise ProtocolError("GET /shards/%d/stats through nginx answered %s" % (p, status))
+        out.append(obj)
+    return out
+
+
+def shard_rooms(ctl, ports, host):
+    """8 room names split evenly over the shards (4 + 4): the first of room-0, room-1, ... on each shard,
+    by the X-Chat-Shard header of a GET ?timeout=0 (which opens no room). nginx's consistent hash covers
+    the shards' addresses, and their ports are picked at random, so fixed names would split differently
+    from run to run (2 + 6 in one): an uneven split measures the names' luck, not the shards."""
+    k, want = len(ports), len(SHARD_ROOMS) // len(ports)
+    addr = {"%s:%d" % (HOST, p): i for i, p in enumerate(ports)}
+    picked = [[] for _ in ports]
+    for j in range(SHARD_CANDIDATES):
+        room = "room-%d" % j
+        status, _ = ctl.request(build_request("GET", "/rooms/%s/messages?timeout=0" % room, host=host))
+        m = re.search(rb"(?im)^x-chat-shard:\s*(\S+)", ctl.last_head)
+        i = addr.get(m.group(1).decode("ascii", "replace")) if m else None
+        if status != 200 or i is None:
+            raise ProtocolError("GET /rooms/%s/messages?timeout=0: %s, X-Chat-Shard %r" % (
+                room, status, m.group(1) if m else None))
+        if len(picked[i]) < want:
+            picked[i].append(room)
+        if all(len(x) >= want for x in picked):
+            break
+    rooms = sorted((r for x in picked for r in x), key=lambda r: int(r.split("-")[1]))
+    if len(rooms) < want * k:
+        raise ProtocolError("no even split of %d rooms in %d names: %s" % (want * k, SHARD_CANDIDATES, picked))
+    return rooms
+
+
+def shard_post_run(ctx, port, tls, host, rooms, snap):
+    """Closed-loop posting through nginx over TLS from ctx.shard_clients keep-alive clients, client i to
+    room i % 8; a client whose answer says Connection: close (nginx's keepalive_requests, 1000 by
+    default) opens a new connection, as a browser would: its next request's latency includes the new
+    handshake. CPU snapshots at the first answer from the start and from the end of the window."""
+    clients, seconds, warmup = ctx.shard_clients, ctx.shard_seconds, ctx.post_warmup
+    loop = Loop()
+    nrooms = len(rooms)
+    reqs = [post_request(room, "benchmark message", host=host) for room in rooms]
+    st = State(t_start=0.0, t_end=0.0, lat=[], bad=0, done=0, ok=0, per_room=[0] * nrooms, reconnects=0,
+               s0=None, s1=None, statuses={})
+
+    def on_resp(c, status, body, t):
+        if status == 201:
+            st.ok += 1
+            st.per_room[c.tag % nrooms] += 1
+            if st.t_start <= t <= st.t_end:
+                st.lat.append(t - c.t_sent)
+        else:
+            st.bad += 1
+            st.statuses[str(status)] = st.statuses.get(str(status), 0) + 1
+            if st.bad <= 3:
+                log("shards: POST answered %s %r" % (status, body[:160]))
+        if st.s0 is None and t >= st.t_start:
+            st.s0 = snap()
+        if st.s1 is None and t >= st.t_end:
+            st.s1 = snap()
+        if status is None or t >= st.t_end:
+            st.done += 1
+            return
+        if c.closing:
+            c.close()
+            st.reconnects += 1
+            try:
+                c = loop.connect_tls(port, tls, on_resp, tag=c.tag)
+            except OSError as e:
+                st.bad += 1
+                st.done += 1
+                log("shards: reconnect failed: %s" % e)
+                return
+        c.send(reqs[c.tag % nrooms])
+
+    conns = [loop.connect_tls(port, tls, on_resp, tag=i) for i in range(clients)]
+    st.t_start = now() + warmup
+    st.t_end = st.t_start + seconds
+    for c in conns:
+        c.send(reqs[c.tag % nrooms])
+    loop.run(lambda: st.done >= clients, warmup + seconds + 15)
+    if st.s0 is None:
+        st.s0 = snap()
+    if st.s1 is None:
+        st.s1 = snap()
+    loop.close_all()
+    lat = sorted(st.lat)
+    return {"requests": len(lat), "answered": st.ok, "rps": round(len(lat) / seconds, 1),
+            "p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)),
+            "max_ms": ms(lat[-1]) if lat else None, "post_errors": st.bad + (clients - st.done),
+            "statuses": st.statuses, "reconnects": st.reconnects, "tls_errors": loop.tls_errors,
+            "per_room": st.per_room, "s0": st.s0, "s1": st.s1}
+
+
+def shard_fanout(ctx, port, tls, host, rooms, ctl, ports, home, snap, cpus):
+    """ctx.shard_waiters long polls through nginx, waiter j on room j % 8 (so on every shard), then one
+    POST to each of the 8 rooms at once, from 8 keep-alive connections: time from just before the first
+    POST is written until every waiter has its answer, per shard too."""
+    n, nrooms, k = ctx.shard_waiters, len(rooms), len(ports)
+    res = {"fanout_waiters": n}
+    errors = 0
+    cursors = {}
+    for room in rooms:
+        status, body = ctl.request(build_request("GET", "/rooms/%s/messages?tail=1" % room, host=host))
+        msgs = json.loads(body.decode("utf-8")) if status == 200 else None
+        if not msgs:
+            raise ProtocolError("GET /rooms/%s/messages?tail=1 answered %s %r" % (room, status, body[:100]))
+        cursors[room] = msgs[-1]["id"]
+    loop = Loop()
+    st = State(t0=None, got=0, lat=[], shard_last=[None] * k, bad=0, early=0, posts=0, post_bad=0, post_max=None)
+
+    def on_wait(c, status, body, t):
+        if st.t0 is None:
+            st.early += 1
+            st.bad += 1
+            if st.early <= 3:
+                log("shards fan-out: waiter answered early: %s %r" % (status, body[:120]))
+            return
+        st.got += 1
+        if status == 200 and body.startswith(b"[{"):
+            st.lat.append(t - st.t0)
+            i = home.get(rooms[c.tag % nrooms])
+            if i is not None:
+                st.shard_last[i] = max(st.shard_last[i] or 0.0, t - st.t0)
+        else:
+            st.bad += 1
+            if st.bad <= 3:
+                log("shards fan-out: waiter answered %s %r" % (status, body[:120]))
+
+    def on_post(c, status, body, t):
+        st.posts += 1
+        st.post_max = t - st.t0
+        if status != 201:
+            st.post_bad += 1
+            log("shards fan-out: POST answered %s %r" % (status, body[:120]))
+
+    try:
+        base = [x.get("waiters", 0) for x in shard_stats(ctl, ports)]
+        posters = [loop.connect_tls(port, tls, on_post, tag=i) for i in range(nrooms)]
+        conns = []
+        s_park = snap()
+        t_park = now()
+        deadline = t_park + ctx.park_timeout
+        connect_errors = 0
+        while len(conns) < n and now() < deadline and connect_errors <= 10:
+            batch = []
+            for _ in range(min(TLS_BATCH, n - len(conns))):
+                room = rooms[len(conns) % nrooms]
+                try:
+                    c = loop.connect_tls(port, tls, on_wait, tag=len(conns))
+                except OSError as e:
+                    connect_errors += 1
+                    log("shards fan-out: connect failed: %s" % e)
+                    break
+                c.send(poll_request(room, cursors[room], SHARD_POLL_S, host=host))
+                conns.append(c)
+                batch.append(c)
+            loop.run(lambda: all(c.dead or not c.hs for c in batch), max(0.1, deadline - now()))
+        errors += connect_errors
+        parked, ok = [0] * k, False
+        while True:
+            sts = shard_stats(ctl, ports)
+            parked = [x.get("waiters", 0) - b for x, b in zip(sts, base)]
+            if sum(parked) >= outstanding(conns) == n:
+                ok = True
+                break
+            if now() >= deadline:
+                break
+            loop.run(None, 0.02)
+        res["fanout_park_s"] = rnd(now() - t_park)
+        res["fanout_parked"] = parked
+        res["fanout_park_errors"] = connect_errors + st.early + loop.tls_errors
+        if not ok:
+            log("shards fan-out: parked %s of %d (outstanding %d)" % (parked, n, outstanding(conns)))
+            errors += 1
+        live = outstanding(conns)
+        s0 = snap()
+        st.t0 = now()
+        for i, p in enumerate(posters):
+            p.send(post_request(rooms[i], "fan-out", host=host))
+        loop.run(lambda: st.got >= live and st.posts >= nrooms, ctx.fanout_bound)
+        s1 = snap()
+        lat = sorted(st.lat)
+        res["fanout_answered"] = len(lat)
+        res["fanout_all_ms"] = ms(lat[-1]) if lat and len(lat) == n else None
+        res["fanout_p50_ms"] = ms(percentile(lat, 50))
+        res["fanout_p99_ms"] = ms(percentile(lat, 99))
+        res["fanout_shard_all_ms"] = [ms(x) for x in st.shard_last]
+        res["fanout_posts_max_ms"] = ms(st.post_max) if st.posts >= nrooms else None
+        cpu = shard_cpu(s0, s1, cpus)
+        dt = s1["t"] - s0["t"]
+        res["fanout_cpu_ms"] = {"shards": [rnd(x * dt * 10.0, 1) for x in cpu.get("shard_cpu_pct", [])],
+                                "nginx": rnd((cpu.get("nginx_cpu_pct") or 0) * dt * 10.0, 1),
+                                "load": rnd((cpu.get("load_cpu_pct") or 0) * dt * 10.0, 1)}
+        res["fanout_others_cpu_pct"] = shard_cpu(s_park, s1, cpus).get("others_cpu_pct")   # parking too: >= 0.1 s
+        if len(lat) < live:
+            log("shards fan-out: %d of %d answered within %.0f s" % (len(lat), live, ctx.fanout_bound))
+        errors += (live - len(lat)) + st.bad + st.post_bad + (nrooms - st.posts) + (n - live)
+    finally:
+        loop.close_all()
+    res["fanout_errors"] = errors
+    return res
+
+
+def scenario_shards(ctx, k, block, commands):
+    """Posts over 8 rooms through the README's sharding nginx block (TLS) to k shards, then a fan-out."""
+    res = {"scenario": "shards", "shards": k, "clients": ctx.shard_clients, "seconds": ctx.shard_seconds,
+           "rooms": len(SHARD_ROOMS), "waiters": ctx.shard_waiters, "tls": True, "db": "file",
+           "nginx_workers": ctx.shard_nginx_workers}
+    d = os.path.join(ctx.tmpdir, "shards-%d" % k)
+    os.makedirs(d)
+    if getattr(ctx, "shard_cert", None) is None:
+        name = re.search(r"^\s*server_name\s+([^;\s]+)", block, re.M)
+        cdir = os.path.join(ctx.tmpdir, "shards-tls")
+        os.makedirs(cdir)
+        ctx.shard_cert = make_certificate(cdir, name.group(1) if name else "localhost")
+    cert, key = ctx.shard_cert
+    shard_cpus, nginx_cpus, load_cpus, res["layout"] = shard_layout(ctx, k)
+    used = sorted(ctx.cpus) if ctx.cpus else None
+    servers, nginx, ctl = [], None, None
+    old_affinity = os.sched_getaffinity(0) if load_cpus and hasattr(os, "sched_getaffinity") else None
+    errors = 0
+    try:
+        for i in range(k):
+            srv = Server(ctx, args=shard_args(commands[i], os.path.join(d, "shard-%d.db" % (i + 1))),
+                         cpus=shard_cpus[i]).start()
+            servers.append(srv)
+        ports = [s.port for s in servers]
+        res["shard_ports"] = ports
+        listen = free_port()
+        site, name = shard_site(block, ports, listen, cert, key)
+        with open(os.path.join(d, "site.from-readme.conf"), "w") as f:
+            f.write(site)
+        conns_needed = 2 * (ctx.shard_waiters + ctx.shard_clients + 64)
+        nginx = Nginx(os.path.join(d, "nginx"), site, ctx.shard_nginx_workers, max(4096, conns_needed),
+                      nginx_cpus).start()
+        if old_affinity is not None:
+            os.sched_setaffinity(0, load_cpus)
+        tls_ctx = ssl.create_default_context(cafile=cert)  # verifies the certificate and the name
+        tls = (tls_ctx, name)
+        ctl = Ctl(listen, tls=tls, host=name)
+        nginx.wait_ready(ctl)
+
+        rooms = list(SHARD_ROOMS) if k == 1 else shard_rooms(ctl, ports, name)
+        res["room_names"] = rooms
+        # Each room's home: post once, see which shard's /stats posts counter rose (and X-Chat-Shard).
+        home, header_mismatch = {}, 0
+        for room in rooms:
+            before = [x.get("posts", 0) for x in shard_stats(ctl, ports)]
+            ctl.post(room, "home of " + room)
+            m = re.search(rb"(?im)^x-chat-shard:\s*(\S+)", ctl.last_head)
+            after = [x.get("posts", 0) for x in shard_stats(ctl, ports)]
+            grew = [b - a for a, b in zip(before, after)]
+            if sorted(grew) != [0] * (k - 1) + [1]:
+                raise ProtocolError("one POST to %s raised the shards' posts by %s" % (room, grew))
+            home[room] = grew.index(1)
+            if not m or m.group(1).decode("ascii", "replace") != "%s:%d" % (HOST, ports[home[room]]):
+                header_mismatch += 1
+        res["rooms_per_shard"] = [sum(1 for r in rooms if home[r] == i) for i in range(k)]
+        res["x_chat_shard_mismatch"] = header_mismatch
+        errors += header_mismatch
+
+        def snap():
+            return shard_snapshot(servers, nginx)
+
+        log("shards: %d shard%s, %s; %d clients over %d rooms for %.1f s" %
+            (k, "" if k == 1 else "s", res["layout"], ctx.shard_clients, len(rooms), ctx.shard_seconds))
+        before = [x.get("posts", 0) for x in shard_stats(ctl, ports)]
+        r = shard_post_run(ctx, listen, tls, name, rooms, snap)
+        after = [x.get("posts", 0) for x in shard_stats(ctl, ports)]
+        s0, s1 = r.pop("s0"), r.pop("s1")
+        per_room = r.pop("per_room")
+        res.update(r)
+        res.update(shard_cpu(s0, s1, used, r["requests"]))
+        res["posts_per_shard"] = [b - a for a, b in zip(before, after)]
+        res["posts_per_shard_expected"] = [sum(n for room, n in zip(rooms, per_room) if home[room] == i)
+                                           for i in range(k)]
+        res["rooms_on_one_shard"] = res["posts_per_shard"] == res["posts_per_shard_expected"]
+        errors += res["post_errors"] + (0 if res["rooms_on_one_shard"] else 1)
+        if k > 1:
+            one = [x for x in ctx.results if x.get("scenario") == "shards" and x.get("shards") == 1 and x.get("rps")]
+            if one and res.get("rps"):
+                res["rps_1_shard"] = one[-1]["rps"]
+                res["ratio_to_1_shard"] = rnd(res["rps"] / one[-1]["rps"], 2)
+
+        log("shards: fan-out, %d waiters over %d rooms" % (ctx.shard_waiters, len(rooms)))
+        f = shard_fanout(ctx, listen, tls, name, rooms, ctl, ports, home, snap, used)
+        res.update(f)
+        errors += f["fanout_errors"]
+        if k > 1:
+            one = [x for x in ctx.results if x.get("scenario") == "shards" and x.get("shards") == 1]
+            if one and one[-1].get("fanout_all_ms") and res.get("fanout_all_ms"):
+                res["fanout_all_ms_1_shard"] = one[-1]["fanout_all_ms"]
+        if nginx.proc.poll() is not None:
+            raise ProtocolError("nginx exited with status %s: %s" % (nginx.proc.returncode, nginx.error_tail()))
+        res["nginx_errors_logged"] = nginx.error_tail()
+    finally:
+        if ctl is not None:
+            ctl.close()
+        if nginx is not None:
+            res["nginx_exit"] = nginx.stop()
+        res["server_exit"] = [s.stop() for s in servers]
+        if old_affinity is not None:
+            os.sched_setaffinity(0, old_affinity)
+    res["errors"] = errors
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
 # Targets and the table
 
 
@@ -1952,6 +2741,50 @@ def targets_for(r, results):
         row("streams cut (/stats) while our %s were closed" % r.get("closed_by_us"),
             r.get("streams_cut_while_ours_closed"))
         row("streams cut (/stats) at other times", r.get("streams_cut_other"), "", "0", r.get("streams_cut_other") == 0)
+    elif sc == "shards":
+        k = r["shards"]
+
+        def each(xs, fmt="%.0f", sep=" + "):
+            return "n/a" if not xs or None in xs else sep.join(fmt % x for x in xs)
+
+        row("layout", r.get("layout"))
+        row("rooms per shard", each(r.get("rooms_per_shard"), "%d"))
+        row("each room on one shard: /stats posts", "%s (expected %s)" % (
+            each(r.get("posts_per_shard"), "%d"), each(r.get("posts_per_shard_expected"), "%d")), "",
+            "= expected", r.get("rooms_on_one_shard") is True)
+        row("posts/s through nginx", r.get("rps"), "", fmt="%.0f")
+        if k > 1:
+            row("posts/s, %d shards / 1 shard" % k, None if r.get("ratio_to_1_shard") is None else
+                "%.2f x (%.0f / %.0f)" % (r["ratio_to_1_shard"], r["rps"], r["rps_1_shard"]))
+        row("p50 / p99 / max", "%s / %s / %s ms" % (num(r.get("p50_ms")), num(r.get("p99_ms")), num(r.get("max_ms"))))
+        row("CPU: shard%s" % ("" if k == 1 else "s"), each(r.get("shard_cpu_pct")), " % of a core")
+        row("CPU: nginx (%d worker%s)" % (r.get("nginx_workers", 1), "" if r.get("nginx_workers", 1) == 1 else "s"),
+            r.get("nginx_cpu_pct"), " % of a core", fmt="%.0f")
+        row("CPU: load generator (TLS client)", r.get("load_cpu_pct"), " % of a core", fmt="%.0f")
+        row("CPU: irq/softirq (loopback)", r.get("irq_cpu_pct"), " % of a core", fmt="%.0f")
+        row("CPU taken by others (not ours; steal %s %%)" % num(r.get("steal_cpu_pct"), "%.0f"),
+            r.get("others_cpu_pct"), " % of a core", fmt="%.0f")
+        row("CPU / post: shard%s, nginx, load gen" % ("" if k == 1 else "s"), "%s, %s, %s us" % (
+            num(r.get("shard_us_per_post"), "%.0f"), num(r.get("nginx_us_per_post"), "%.0f"),
+            num(r.get("load_us_per_post"), "%.0f")))
+        row("reconnects (nginx keepalive_requests)", r.get("reconnects"))
+        row("posts failed", r.get("post_errors"), "", "0", r.get("post_errors") == 0)
+        n = r.get("fanout_waiters")
+        row("fan-out: %s waiters parked" % n, each(r.get("fanout_parked"), "%d"), "", "%s / 0 errors" % n,
+            sum(r.get("fanout_parked") or [0]) == n and not r.get("fanout_park_errors"))
+        row("fan-out: 1 POST per room: all answered", r.get("fanout_all_ms"), " ms")
+        if k > 1:
+            row("fan-out: all answered, per shard", each(r.get("fanout_shard_all_ms"), "%.3g", " / "), " ms")
+            if r.get("fanout_all_ms_1_shard"):
+                row("fan-out: all answered, 1 shard for comparison", r.get("fanout_all_ms_1_shard"), " ms")
+        row("fan-out: p50 / p99", "%s / %s ms" % (num(r.get("fanout_p50_ms")), num(r.get("fanout_p99_ms"))))
+        row("fan-out: the 8 POSTs answered (last)", r.get("fanout_posts_max_ms"), " ms")
+        fc = r.get("fanout_cpu_ms") or {}
+        row("fan-out: CPU shard%s / nginx / load gen" % ("" if k == 1 else "s"), "%s / %s / %s ms" % (
+            each(fc.get("shards"), "%.0f"), num(fc.get("nginx"), "%.0f"), num(fc.get("load"), "%.0f")))
+        row("fan-out: CPU taken by others (parking + fan-out)", r.get("fanout_others_cpu_pct"), " % of a core",
+            fmt="%.0f")
+        row("fan-out: failed", r.get("fanout_errors"), "", "0", r.get("fanout_errors") == 0)
     elif sc == "order":
         row("lost/dup/reordered", "%s/%s/%s" % (r.get("lost"), r.get("duplicated"), r.get("reordered")),
             "", "0/0/0", r.get("ordering_errors") == 0 and not r.get("errors"))
@@ -1983,6 +2816,9 @@ def size_label(r):
         return "%d streams, %g/s x %gs" % (r["streams"], r.get("rate", 0), r.get("seconds", 0))
     if sc == "order":
         return "%dx%d, %d msgs" % (r["posters"], r["followers"], r["messages"])
+    if sc == "shards" and r.get("shards"):
+        return "%d shard%s, %d clients, %d rooms, TLS" % (r["shards"], "" if r["shards"] == 1 else "s",
+                                                         r.get("clients", 0), r.get("rooms", 0))
     return ""
 
 
@@ -2038,10 +2874,12 @@ def setup_machine(ctx, pin):
     except (ImportError, ValueError, OSError):
         ctx.nofile = None
     ctx.server_cpu = None
+    ctx.cpus = None                         # every CPU we may use, when pinning (the shards scenario's layout)
     ctx.pinning = "not pinned"
     if pin and hasattr(os, "sched_getaffinity") and shutil.which("taskset"):
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) >= 2:
+            ctx.cpus = cpus
             ctx.server_cpu = cpus[0]
             os.sched_setaffinity(0, {cpus[1]})
             ctx.pinning = "server on CPU %d, load generator on CPU %d" % (cpus[0], cpus[1])
@@ -2078,6 +2916,11 @@ def main(argv=None):
     p.add_argument("--stream-rate", type=float, default=100.0, help="posts per second in the paced run (default 100)")
     p.add_argument("--stream-reconnects", type=int,
                    help="streams closed and reopened with Last-Event-ID mid-run, (c) (default 30%% of the paced run's)")
+    p.add_argument("--shard-clients", type=int, help="shards: keep-alive posting clients through nginx (default 32; quick 4)")
+    p.add_argument("--shard-seconds", type=float, help="shards: length of each posting run (default 3; quick 0.3)")
+    p.add_argument("--shard-waiters", type=int, help="shards: long polls in the fan-out through nginx (default 1000; quick 40)")
+    p.add_argument("--shard-nginx-workers", type=int, default=1,
+                   help="shards: nginx worker_processes (default 1, as the tests' private nginx)")
     p.add_argument("--batch", type=int, default=PARK_BATCH, help="connections per parking batch")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     a = p.parse_args(argv)
@@ -2106,8 +2949,13 @@ def main(argv=None):
     ctx.order_messages = a.order_messages or (25 if q else 200)
     ctx.order_bound = 10.0 if q else 30.0
     ctx.batch = max(1, a.batch)
+    ctx.shard_clients = max(1, a.shard_clients or (4 if q else 32))
+    ctx.shard_seconds = a.shard_seconds or (0.3 if q else 3.0)
+    ctx.shard_waiters = max(1, a.shard_waiters or (40 if q else 1000))
+    ctx.shard_nginx_workers = max(1, a.shard_nginx_workers)
     biggest = max(ctx.fanout_sizes + ctx.wake_sizes + ctx.stream_sizes +
-                  [ctx.idle_waiters, ctx.post_fanout, ctx.stream_rate_streams])
+                  [ctx.idle_waiters, ctx.post_fanout, ctx.stream_rate_streams,
+                   2 * ctx.shard_waiters if "shards" in a.only else 0])
     ctx.max_waiters = max(12000, biggest + 1000)
     ctx.max_connections = max(13000, biggest + 2000)
     ctx.park_timeout = 30.0 if q else 120.0
@@ -2191,6 +3039,19 @@ def main(argv=None):
                     {"scenario": "stream", "part": "rate", "streams": n, "rate": ctx.stream_rate,
                      "seconds": ctx.stream_rate_seconds, "reconnects": k},
                     scenario_stream_rate, ctx, n, ctx.stream_rate, ctx.stream_rate_seconds, k)
+            elif sc == "shards":
+                block, commands, why = shard_prerequisites()
+                if why:
+                    log("shards: skipped: %s" % why)
+                    emit({"scenario": "shards", "shards": 0, "skipped": why})
+                    continue
+                for k in (1, 2):
+                    run("shards: %d shard%s behind the README's nginx block (TLS), %d clients over %d rooms, "
+                        "then %d waiters" % (k, "" if k == 1 else "s", ctx.shard_clients, len(SHARD_ROOMS),
+                                             ctx.shard_waiters),
+                        {"scenario": "shards", "shards": k, "clients": ctx.shard_clients,
+                         "seconds": ctx.shard_seconds, "rooms": len(SHARD_ROOMS), "waiters": ctx.shard_waiters},
+                        scenario_shards, ctx, k, block, commands)
         elapsed = now() - t_all
 
     print()
