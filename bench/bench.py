@@ -568,10 +568,14 @@ class Conn:
             status, head, body, end = r
             buf = buf[end:]
             self.pending -= 1
+            self.on_head(head)
             self.on_resp(self, status, body, now())
             if self.dead:
                 return
         self.buf = buf
+
+    def on_head(self, head):
+        """Called with each response's head before on_resp (TLSConn watches for Connection: close)."""
 
     def fail(self):
         """Drop the connection; report each outstanding request as failed (status None)."""
@@ -775,32 +779,12 @@ class TLSConn(Conn):
     def on_read(self):
         if self.hs:
             self.handshake()
-            return
-        data = self.receive()
-        if data is None:
-            return
-        if not data:
-            self.fail()
-            return
-        buf = self.buf + data if self.buf else data
-        while buf:
-            try:
-                r = parse_response(buf)
-            except (ProtocolError, ValueError):
-                self.buf = b""
-                self.fail()
-                return
-            if r is None:
-                break
-            status, head, body, end = r
-            buf = buf[end:]
-            self.pending -= 1
-            if b"onnection: close" in head:
-                self.closing = True
-            self.on_resp(self, status, body, now())
-            if self.dead:
-                return
-        self.buf = buf
+        else:
+            Conn.on_read(self)
+
+    def on_head(self, head):
+        if b"onnection: close" in head:                    # nginx's keepalive_requests reached
+            self.closing = True
 
 
 class Loop:
