@@ -2372,25 +2372,18 @@ def shard_fanout(ctx, port, tls, host, rooms, ctl, ports, home, snap, cpus):
             raise ProtocolError("GET /rooms/%s/messages?tail=1 answered %s %r" % (room, status, body[:100]))
         cursors[room] = msgs[-1]["id"]
     loop = Loop()
-    st = State(t0=None, got=0, lat=[], shard_last=[None] * k, bad=0, early=0, posts=0, post_bad=0, post_max=None)
+    st, count_answer, _ = fanout_callbacks()
+    st.shard_last, st.posts, st.post_bad, st.post_max = [None] * k, 0, 0, None
 
     def on_wait(c, status, body, t):
-        if st.t0 is None:
-            st.early += 1
-            st.bad += 1
-            if st.early <= 3:
-                log("shards fan-out: waiter answered early: %s %r" % (status, body[:120]))
-            return
-        st.got += 1
-        if status == 200 and body.startswith(b"[{"):
-            st.lat.append(t - st.t0)
+        answered = len(st.lat)
+        count_answer(c, status, body, t)
+        if len(st.lat) > answered:      # a good answer: note its shard's latest
             i = home.get(rooms[c.tag % nrooms])
             if i is not None:
-                st.shard_last[i] = max(st.shard_last[i] or 0.0, t - st.t0)
-        else:
-            st.bad += 1
-            if st.bad <= 3:
-                log("shards fan-out: waiter answered %s %r" % (status, body[:120]))
+                st.shard_last[i] = max(st.shard_last[i] or 0.0, st.lat[-1])
+        elif st.t0 is not None and st.bad <= 3:
+            log("shards fan-out: waiter answered %s %r" % (status, body[:120]))
 
     def on_post(c, status, body, t):
         st.posts += 1
