@@ -176,9 +176,11 @@ LISTEN_BACKLOG = 4096
 #: Answers larger than this are written after their head instead of being copied into one
 #: buffer with it (TCP_NODELAY is on, so the second write is not held back).
 SEPARATE_BODY_BYTES = 65536
-#: Bytes asked of each recv() while a request arrives, and of the first one, which waits for
-#: it (held by every idle keep-alive connection); what is left over stays for the next request.
+#: Bytes asked of each recv() while a request arrives; what is left over stays for the next
+#: request.
 RECV_BYTES = 16384
+#: Bytes asked of the first recv(), which waits for a request and is held by every idle
+#: keep-alive connection; a head longer than this takes a second recv().
 IDLE_RECV_BYTES = 1024
 #: Thread stack size; only touched pages cost memory, this bounds address space per thread.
 THREAD_STACK_BYTES = 512 * 1024
@@ -1025,7 +1027,8 @@ class Database:
 
 
 def read_room_from(path, room):
-    """(rows, floor) of one room in the database file at `path` (read, never written).
+    """(rows, floor) of one room in the database file at `path`, whose data is not changed
+    (closing it may fold a WAL left by a stopped server into the file, as any SQLite reader does).
 
     StorageError if the file is missing, not a database, or held by a running server.
     """
@@ -1090,7 +1093,7 @@ def write_nowait(sock_or_fd_args, data):
 
 
 def nonblocking_view(family, type, proto, fd):
-    """A second socket object on descriptor `fd`, for a send or peek that never waits.
+    """A second socket object on descriptor `fd`, for a peek, or (off POSIX) a send, that never waits.
 
     A handler's socket is in timeout mode, which CPython implements with a
     non-blocking descriptor and a poll() before each call; the view has no timeout
@@ -1658,7 +1661,7 @@ class ChatServer(ThreadingHTTPServer):
         streams = self.registry.streams_in(room)
         if not claimed and not streams:
             return
-        responses = {}
+        responses, answered = {}, 0
         with self.fanout_lock:
             for waiter, body in claimed:
                 key = (id(body), waiter.connection)
@@ -1667,9 +1670,10 @@ class ChatServer(ThreadingHTTPServer):
                 waiter.send_nowait(responses[key])
                 if waiter.outcome is None:
                     waiter.outcome = ANSWERED
+                    answered += 1
             slow = self._feed_streams(room, streams) if streams else ()
-        if claimed:
-            self.count_status(HTTPStatus.OK, len(claimed))
+        if answered:
+            self.count_status(HTTPStatus.OK, answered)     # not the hung up: nothing was sent to them
         for waiter, _ in claimed:
             waiter.event.set()
         self._end_streams(slow)
@@ -1689,7 +1693,7 @@ class ChatServer(ThreadingHTTPServer):
         events, slow, now = {}, [], time.monotonic()
         for stream in streams:
             if not stream.live:
-                continue        # still catching up on its own thread
+                continue        # still catching up on its own thread, or ended
             if stream.after not in events:
                 events[stream.after] = self._events_after(room, stream.after)
             data, last, count = events[stream.after]
@@ -1731,6 +1735,8 @@ class ChatServer(ThreadingHTTPServer):
         slow = []
         with self.fanout_lock:
             for stream in due:
+                if not stream.live:
+                    continue        # ended since the list was made
                 failure = stream.send_all_nowait(b":\n\n")
                 if failure is None:
                     stream.last_write = now
@@ -2049,17 +2055,19 @@ class RequestReader:
                 head = bytes(buffer[:end + 1])
                 del buffer[:end + (3 if crlf else 2)]
                 return parse_head(head)
+            self._check_partial_head(max(0, scanned - 1))
             scanned = len(buffer)
-            self._check_partial_head()
             if not self._fill():
                 if buffer:
                     raise ConnectionAbortedError("the client closed the connection in the middle of a request")
                 return None
 
-    def _check_partial_head(self):
-        # Refuse an oversized head as soon as it shows, not after reading all of it.
+    def _check_partial_head(self, start):
+        # Refuse an oversized head as soon as it shows, not after reading all of it. Only
+        # the bytes from `start` on are new: scanning all of them each time would make a
+        # head sent a byte at a time cost the square of its length.
         buffer = self.buffer
-        if _CR_NOT_LF.search(buffer):
+        if _CR_NOT_LF.search(buffer, start):
             raise framing_error("a bare CR in the request head")
         first_end = buffer.find(b"\n")
         if first_end < 0:
@@ -2386,7 +2394,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.server.track(self.connection, self)
 
     def finish(self):
-        pass    # nothing is buffered: every answer goes out in one sendall
+        pass    # nothing is buffered: every answer is written as it is made
 
     def interrupt_if_idle(self):
         """At shutdown: end a keep-alive connection that is between requests."""
@@ -2943,6 +2951,11 @@ class EventStream:
             # (the client reconnects with its Last-Event-ID).
             handler.log_error("%s: event stream ended: %s", handler.requestline, exc)
         finally:
+            # Posts and heartbeats write to live streams under the fan-out lock, from other
+            # threads: once the socket is closed its descriptor number may be a new
+            # client's, so no writer may still be, or later get, inside.
+            with server.fanout_lock:
+                waiter.live = False
             server.housekeeper.unwatch(waiter)
             server.registry.claim(waiter)
         handler.log_request(HTTPStatus.OK)

@@ -1214,6 +1214,22 @@ class FoundInputTest(ServerTestCase):
                     got, headers, _ = read_response(sock)
                     self.assertEqual((got, headers["connection"]), (status, "close"))
 
+    def test_a_head_in_small_pieces_is_judged_as_a_whole(self):
+        # Each piece is checked as it comes, so a bare CR is refused before the head ends;
+        # one at the end of a piece is judged by the byte that follows it in the next.
+        head = self.with_host(b"GET /healthz HTTP/1.1\r\nHost: HOST\r\nX-A: a\r\nX-B: b\r\n\r\n")
+        cr = head.index(b"X-A: a\r") + len(b"X-A: a\r")
+        for pieces, status in (([head[i:i + 5] for i in range(0, len(head), 5)], 200),
+                               ([head[:cr], b"b"], 400)):      # "X-A: a\rb", and never the rest
+            with self.subTest(status=status), socket.create_connection(self.address, timeout=5) as sock:
+                for piece in pieces:
+                    sock.sendall(piece)
+                    time.sleep(0.02)
+                got, headers, _ = read_response(sock)
+                self.assertEqual(got, status)
+                if status == 400:
+                    self.assertEqual(headers["connection"], "close")
+
     def test_chunked_bodies_are_decoded_within_the_limit(self):
         conn = self.connect()
         conn.request("POST", "/messages", body=iter([b'{"body": ', b'"in pieces"}']),
