@@ -3566,6 +3566,7 @@ class ChromiumTestCase(unittest.TestCase):
 
     driver = None
     a = b = None
+    server = thread = None      # the chat server the pages talk to, stopped after each test
 
     @classmethod
     def setUpClass(cls):
@@ -3595,6 +3596,16 @@ class ChromiumTestCase(unittest.TestCase):
             cls.driver.stop()
             cls.driver = None
 
+    def tearDown(self):
+        for browser in (self.a, self.b):  # leave the page first, so no long poll is parked on the server
+            try:
+                browser.get("about:blank")
+            except Exception:
+                pass
+        if self.server is not None:
+            _stop_server(self.server, self.thread)
+            self.server = None
+
 
 class BrowserTest(ChromiumTestCase):
     """The HTML page against a real in-process server, in two headless Chromium sessions."""
@@ -3604,15 +3615,6 @@ class BrowserTest(ChromiumTestCase):
         self.port = self.server.server_address[1]
         self.base = "http://127.0.0.1:%d" % self.port
         self.token = None
-
-    def tearDown(self):
-        for browser in (self.a, self.b):  # leave the page first, so no long poll is parked on the server
-            try:
-                browser.get("about:blank")
-            except Exception:
-                pass
-        if self.server is not None:
-            _stop_server(self.server, self.thread)
 
     # Helpers.
     def post(self, room, body, author=None):
@@ -3912,16 +3914,6 @@ class PageTestCase(ChromiumTestCase):
         self.server = self.thread = None
         self.use_server(*_start_server())
         self.token = None
-
-    def tearDown(self):
-        for browser in (self.a, self.b):  # leave the page first, so no long poll is parked on the server
-            try:
-                browser.get("about:blank")
-            except Exception:
-                pass
-        if self.server is not None:
-            _stop_server(self.server, self.thread)
-            self.server = None
 
     # -- servers --
 

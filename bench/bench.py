@@ -293,6 +293,19 @@ def on_stall(what):
                 log("stall command failed: %s" % e)
 
 
+def terminate(p, what):
+    """SIGTERM the process we started, then SIGKILL it if it has not exited after SERVER_STOP_TIMEOUT_S."""
+    if p.poll() is not None:
+        return
+    try:
+        p.terminate()
+        p.wait(SERVER_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log("%s pid %d ignored SIGTERM for %.0f s: killing it" % (what, p.pid, SERVER_STOP_TIMEOUT_S))
+        p.kill()
+        p.wait(5)
+
+
 class Server:
     """One chat_server.py child process; stopped only by its own PID."""
 
@@ -373,14 +386,7 @@ class Server:
         p = self.proc
         if p is None:
             return None
-        if p.poll() is None:
-            try:
-                p.terminate()
-                p.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log("server pid %d ignored SIGTERM for %.0f s: killing it" % (p.pid, SERVER_STOP_TIMEOUT_S))
-                p.kill()
-                p.wait(5)
+        terminate(p, "server")
         self.stop_rc = p.returncode
         LIVE_SERVERS.pop(self.port, None)
         tail = self.stderr_tail(1500)
@@ -2161,14 +2167,7 @@ http {
         if p is None:
             return None
         workers = proc_children(p.pid) or self.worker_list
-        if p.poll() is None:
-            try:
-                p.terminate()
-                p.wait(SERVER_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log("nginx pid %d ignored SIGTERM for %.0f s: killing it" % (p.pid, SERVER_STOP_TIMEOUT_S))
-                p.kill()
-                p.wait(5)
+        terminate(p, "nginx")
         for w in workers:                                   # only if the master had to be killed
             try:
                 with open("/proc/%d/stat" % w, "rb") as f:
