@@ -301,21 +301,33 @@ def check_allowed_host(name):
     return "[%s]" % address.compressed if address.version == 6 else address.compressed
 
 
+#: Ports a browser leaves out of an Origin, by scheme.
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def check_origin_option(value):
-    """A --cors-origin value: '*' or scheme://host[:port], as browsers write it in Origin."""
+    """A --cors-origin value: '*' or scheme://host[:port] written as browsers write it in
+    Origin (lower case, ASCII, no default port), so that it can match one."""
     text = str(value).strip()
     if text == "*":
         return text
+    if not text.isascii():
+        raise ValueError("must be written in ASCII as browsers send it: an internationalised name "
+                         "in its xn-- form (https://xn--r8jz45g.jp, not https://例え.jp); got %r" % text[:100])
     parts = urllib.parse.urlsplit(text)
     try:
-        port_ok = parts.port is None or 0 < parts.port
+        port = parts.port
     except ValueError:
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
-            or parts.query or parts.fragment or parts.username or not port_ok:
+        port = -1
+    host = split_host(parts.netloc.rpartition("@")[2]) if parts.netloc else None
+    if parts.scheme not in DEFAULT_PORTS or host is None or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or "@" in parts.netloc or port == 0 or port == -1:
         raise ValueError("must be an origin such as https://chat.example.org (scheme, host, "
                          "optional port; no path), or *; got %r" % text[:100])
-    return text.rstrip("/").lower()
+    name = host[0]
+    if port is None or port == DEFAULT_PORTS[parts.scheme]:
+        return "%s://%s" % (parts.scheme, name)
+    return "%s://%s:%d" % (parts.scheme, name, port)
 
 
 def check_token(value):
@@ -706,6 +718,14 @@ class MessageStore:
             return within_answer(self.database.read_newest(room_name, latest, limit), newest=True)
         return within_answer(self.database.read(room_name, after, latest, limit))
 
+    def newest_in(self, room_name):
+        """The newest id of a room that a reader can see (None if it has none in memory)."""
+        with self._lock:
+            room = self._rooms.get(room_name)
+            if room is None:
+                return None
+            return room.ids[-1] if room.ids else room.evicted
+
     def oldest_id(self, room_name):
         """The oldest id kept of a room (None if it has none)."""
         with self._lock:
@@ -737,20 +757,28 @@ class MessageStore:
         if self.database is None or not (retain_count or retain_days):
             return
         cutoff = first_id_at(time.time() - retain_days * 86400) if retain_days else None
-        for name, (floor, emptied) in self.database.prune(retain_count, cutoff).items():
-            with self._lock:
+        emptied = self.database.prune(retain_count, cutoff, self._drop_to_floor)
+        with self._lock:
+            for name, empty in emptied.items():
                 room = self._rooms.get(name)
-                if room is not None:
-                    keep = bisect.bisect_right(room.ids, floor)
-                    if keep:
-                        self.bytes -= sum(m.size for m in room.messages[:keep])
-                        del room.ids[:keep], room.messages[:keep]
-                    room.gone = floor
-                    if room.evicted is None or room.evicted < floor:
-                        room.evicted = floor
-                if emptied and (room is None or not room.ids):
+                if empty and (room is None or not room.ids):
                     self._rooms.pop(name, None)
                     self._room_count -= 1
+
+    def _drop_to_floor(self, name, floor):
+        # The database has just committed `floor` for the room: memory forgets the same
+        # messages at once, before their rows are deleted.
+        with self._lock:
+            room = self._rooms.get(name)
+            if room is None:
+                return
+            keep = bisect.bisect_right(room.ids, floor)
+            if keep:
+                self.bytes -= sum(m.size for m in room.messages[:keep])
+                del room.ids[:keep], room.messages[:keep]
+            room.gone = floor
+            if room.evicted is None or room.evicted < floor:
+                room.evicted = floor
 
     def checkpoint(self):
         if self.database is not None:
@@ -919,10 +947,14 @@ class Database:
     def count_rooms(self):
         return self._query("SELECT count(*) FROM (SELECT DISTINCT room FROM messages)")[0][0]
 
+    #: Rows at or below a room's floor are being pruned (or were, when a kill cut the prune
+    #: short): no reader may see them, whatever instant it reads at.
+    KEPT = "room = ? AND id > coalesce((SELECT floor FROM rooms WHERE name = messages.room), '')"
+
     def load_room(self, name, count):
         """The newest `count` messages of a room, oldest first, and its pruning floor."""
-        rows = self._query("SELECT %s FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?"
-                           % self._columns, (name, count))
+        rows = self._query("SELECT %s FROM messages WHERE %s ORDER BY id DESC LIMIT ?"
+                           % (self._columns, self.KEPT), (name, count))
         return [Message(*row) for row in reversed(rows)], self.floor(name)
 
     def floor(self, room):
@@ -930,27 +962,28 @@ class Database:
         return rows[0][0] if rows else None
 
     def id_before(self, room, message_id):
-        rows = self._query("SELECT max(id) FROM messages WHERE room = ? AND id < ?", (room, message_id))
+        rows = self._query("SELECT max(id) FROM messages WHERE %s AND id < ?" % self.KEPT, (room, message_id))
         return rows[0][0]
 
     def oldest_id(self, room):
-        return self._query("SELECT min(id) FROM messages WHERE room = ?", (room,))[0][0]
+        return self._query("SELECT min(id) FROM messages WHERE %s" % self.KEPT, (room,))[0][0]
 
     def read(self, room, after, upto, limit):
-        rows = self._query("SELECT %s FROM messages WHERE room = ? AND id > ? AND id <= ? "
-                           "ORDER BY id LIMIT ?" % self._columns, (room, after or "", upto or "", limit))
+        rows = self._query("SELECT %s FROM messages WHERE %s AND id > ? AND id <= ? "
+                           "ORDER BY id LIMIT ?" % (self._columns, self.KEPT), (room, after or "", upto or "", limit))
         return [Message(*row) for row in rows]
 
     def read_newest(self, room, upto, limit):
-        rows = self._query("SELECT %s FROM messages WHERE room = ? AND id <= ? ORDER BY id DESC LIMIT ?"
-                           % self._columns, (room, upto or "", limit))
+        rows = self._query("SELECT %s FROM messages WHERE %s AND id <= ? ORDER BY id DESC LIMIT ?"
+                           % (self._columns, self.KEPT), (room, upto or "", limit))
         return [Message(*row) for row in reversed(rows)]
 
-    def prune(self, retain_count, cutoff):
-        """Apply the retention rules; return {room: (newest id deleted, room now empty)}.
+    def prune(self, retain_count, cutoff, on_floor):
+        """Apply the retention rules; return {room: True if the room is now empty}.
 
-        The room's floor is recorded first, in the first transaction, so a cursor
-        before it is refused from then on; the rows go in batches of PRUNE_BATCH_ROWS.
+        A room's new floor is committed first, so a cursor before it is refused and the
+        rows below it are invisible from then on (see KEPT); `on_floor(room, floor)` is
+        called then, and the rows go in batches of PRUNE_BATCH_ROWS.
         """
         results = {}
         for (name,) in self._query("SELECT name FROM rooms"):
@@ -965,14 +998,14 @@ class Database:
                     cut = rows[0][0]
             if cut:
                 self._write("UPDATE rooms SET floor = ? WHERE name = ?", (cut, name))
+                on_floor(name, cut)
                 while self._write("DELETE FROM messages WHERE room = ? AND id IN (SELECT id FROM messages "
                                   "WHERE room = ? AND id <= ? ORDER BY id LIMIT ?)",
                                   (name, name, cut, PRUNE_BATCH_ROWS)) == PRUNE_BATCH_ROWS:
                     # A lock is not fair: taken again at once, it would keep a waiting
                     # poster out until the whole prune is over.
                     time.sleep(PRUNE_PAUSE_S)
-                empty = not self._query("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (name,))
-                results[name] = (cut, empty)
+                results[name] = not self._query("SELECT 1 FROM messages WHERE room = ? LIMIT 1", (name,))
         return results
 
     def _write(self, sql, params):
@@ -1109,10 +1142,12 @@ class Waiter:
 
     A poll is answered once and leaves the registry; a stream stays, `after` moving on
     with each event written to it, until it ends (slow reader, hang-up, shutdown).
+    Whoever writes to a stream holds its `lock` and checks `live` first, so events
+    reach its socket one whole event after another, each once, and none after it ended.
     """
 
     __slots__ = ("room", "after", "limit", "connection", "fd", "view_args", "event", "outcome",
-                 "unsent", "stream", "live", "last_write")
+                 "unsent", "held", "stream", "live", "lock", "last_write")
 
     def __init__(self, room, after, limit, connection, sock, stream=False):
         self.room, self.after, self.limit, self.connection = room, after, limit, connection
@@ -1121,12 +1156,14 @@ class Waiter:
         self.event = threading.Event()
         self.outcome = None
         self.unsent = b""
+        self.held = 0               # bytes of `unsent` counted in the server's UnsentBudget
         self.stream = stream
         self.live = False           # a stream: caught up, so posts write to it
+        self.lock = threading.Lock() if stream else None
         self.last_write = time.monotonic()
 
     def send_nowait(self, data):
-        """Write as much of `data` as the socket takes now; the waiter's thread sends the rest."""
+        """Write as much of `data` as the socket takes now; the rest is left in `unsent`."""
         try:
             sent = write_nowait(self.view_args, data)
         except OSError:
@@ -1197,27 +1234,23 @@ class WaiterRegistry:
                 del rooms[waiter.room]
             return True
 
-    def claim_answerable(self, room, answer_for):
-        """Remove and return [(poll, answer)] for the room's polls with a non-empty answer.
+    def claim_answerable(self, room, newest):
+        """Remove and return the room's polls that have news: those whose cursor is before
+        `newest`, the room's newest id.
 
-        `answer_for(after, limit)` is called once per distinct (after, limit), so one
-        answer is built per group, not per waiter.
+        Nothing is read or built here: the registry's lock is every room's, so its hold
+        stays as short as a scan of one room's polls.
         """
         with self._lock:
-            waiters = self._polls.pop(room, None)
+            waiters = self._polls.get(room)
             if not waiters:
                 return []
-            answers, claimed, still = {}, [], {}
-            for waiter in waiters:
-                key = (waiter.after, waiter.limit)
-                if key not in answers:
-                    answers[key] = answer_for(*key)
-                if answers[key]:
-                    claimed.append((waiter, answers[key]))
-                else:
-                    still[waiter] = None    # its cursor is already the newest: keep waiting
-            if still:
-                self._polls[room] = still
+            claimed = [w for w in waiters if w.after is None or w.after < newest]
+            if len(claimed) == len(waiters):
+                del self._polls[room]
+            else:
+                for waiter in claimed:
+                    del waiters[waiter]
             self.count -= len(claimed)
             self.wakeups += len(claimed)
             return claimed
@@ -1271,6 +1304,7 @@ class Housekeeper(threading.Thread):
         self._stop = threading.Event()
         self._next_upkeep = time.monotonic() + HOUSEKEEPING_INTERVAL_S
         self._next_storage_upkeep = time.monotonic() + UPKEEP_INTERVAL_S
+        self._storage_upkeep = None     # the thread pruning and checkpointing, while it runs
         self._storage_failing = False
 
     def watch(self, waiter):
@@ -1309,25 +1343,27 @@ class Housekeeper(threading.Thread):
                 except OSError:
                     ready = []      # select() on a socket closed meanwhile; the next call is fresh
                 woken = []
-                # Not while a post writes its answers: answered clients send their next
-                # request at once, and handling that readiness here would trade the GIL
-                # with the writing thread at every send.
-                with self.server.fanout_lock:
-                    for key, _ in ready:
-                        waiter = key.data
-                        # Answered meanwhile (its client may already be sending the next
-                        # request): stop watching, or the socket stays readable and select()
-                        # returns at once, again and again, until the handler catches up.
-                        if not self.server.registry.is_parked(waiter):
-                            self._selector.unregister(waiter.fd)
-                            continue
-                        outcome = waiter.peek()
-                        if outcome is None:
-                            continue
+                # Preferably not while posts write their answers: answered clients send
+                # their next request at once, and handling that readiness here would trade
+                # the GIL with the writing thread at every send.  Only for a tick, though:
+                # under a steady stream of posts, hang-ups must still be noticed.
+                if ready:
+                    self.server.fanouts_idle.wait(HOUSEKEEPING_INTERVAL_S)
+                for key, _ in ready:
+                    waiter = key.data
+                    # Answered meanwhile (its client may already be sending the next
+                    # request): stop watching, or the socket stays readable and select()
+                    # returns at once, again and again, until the handler catches up.
+                    if not self.server.registry.is_parked(waiter):
                         self._selector.unregister(waiter.fd)
-                        if self.server.registry.claim(waiter):
-                            waiter.outcome = outcome
-                            woken.append(waiter)
+                        continue
+                    outcome = waiter.peek()
+                    if outcome is None:
+                        continue
+                    self._selector.unregister(waiter.fd)
+                    if self.server.registry.claim(waiter):
+                        waiter.outcome = outcome
+                        woken.append(waiter)
                 # Set the Events only now, so that the woken threads do not compete for
                 # the GIL with this loop's system calls.
                 for waiter in woken:
@@ -1342,20 +1378,28 @@ class Housekeeper(threading.Thread):
         self._next_upkeep = now + HOUSEKEEPING_INTERVAL_S
         self.server.send_heartbeats(now)
         self.server.rate_limiter.forget_idle(now)
-        if now >= self._next_storage_upkeep:
+        if now >= self._next_storage_upkeep and not (self._storage_upkeep and self._storage_upkeep.is_alive()):
+            # A prune of a large history takes seconds: on a thread of its own, so that
+            # this one goes on noticing hang-ups and writing heartbeats meanwhile.
             self._next_storage_upkeep = now + UPKEEP_INTERVAL_S
-            config, store = self.server.config, self.server.store
-            try:
-                store.prune(config.retain_count, config.retain_days)
-                store.checkpoint()
-            except StorageError as exc:
-                if not self._storage_failing:   # once, not every 30 s
-                    self.server.log("database upkeep failed (will retry): %s" % exc)
-                self._storage_failing = True
-            except Exception:
-                self.server.log("database upkeep failed\n%s" % traceback.format_exc())
-            else:
-                self._storage_failing = False
+            self._storage_upkeep = threading.Thread(target=self._upkeep_storage, name="chat-upkeep", daemon=True)
+            self._storage_upkeep.start()
+
+    def _upkeep_storage(self):
+        config, store = self.server.config, self.server.store
+        try:
+            store.prune(config.retain_count, config.retain_days)
+            store.checkpoint()
+        except StorageError as exc:
+            if self.server.closing:
+                return      # the database was closed under it
+            if not self._storage_failing:   # once, not every 30 s
+                self.server.log("database upkeep failed (will retry): %s" % exc)
+            self._storage_failing = True
+        except Exception:
+            self.server.log("database upkeep failed\n%s" % traceback.format_exc())
+        else:
+            self._storage_failing = False
 
     def stop(self):
         """Ask the thread to end at its next tick (it closes its selector itself)."""
@@ -1520,8 +1564,20 @@ class UnsentBudget:
                 messages = messages[:count]
             yield messages
         finally:
+            self.release(granted)
+
+    def take(self, size):
+        """Count `size` more bytes if they fit in what is left; False (nothing counted) if not."""
+        with self._lock:
+            if self.bytes + size > self.limit:
+                return False
+            self.bytes += size
+            return True
+
+    def release(self, size):
+        if size:
             with self._lock:
-                self.bytes -= granted
+                self.bytes -= size
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -1538,12 +1594,15 @@ class ChatServer(ThreadingHTTPServer):
         self.rate_limiter = RateLimiter(config.rate, config.burst)
         self.unsent = UnsentBudget(MAX_UNSENT_BYTES)
         self.statuses = collections.Counter()   # answers sent, by status code
-        self.stream_events = 0      # events written to streams by the fan-out (under fanout_lock)
+        self.stream_events = 0      # events written to streams by the fan-out (under _lock)
         self.streams_cut = 0        # streams ended because their client read too slowly
+        self.polls_cut = 0          # parked polls ended because their answer found no room
         self.started = time.monotonic()
         self.closing = False
         self._lock = threading.Lock()
-        self.fanout_lock = threading.Lock()     # see Housekeeper.run
+        self._waking = {}           # room -> a post came during its fan-out (under _lock)
+        self.fanouts_idle = threading.Event()   # no fan-out running (see Housekeeper.run)
+        self.fanouts_idle.set()
         self._connections = {}      # socket -> handler (None until it has one)
         self._date = (0, "")
         self.static_headers = self._static_headers()
@@ -1656,57 +1715,119 @@ class ChatServer(ThreadingHTTPServer):
         Writing here, one non-blocking send per waiter with one shared answer per
         cursor, costs far less than waking thousands of threads to each build and
         send their own; the threads are woken afterwards only to read their next request.
+        One fan-out runs per room at a time: a post that lands during it asks for one
+        more pass instead of queueing behind it, so a burst of posts costs a pass or two,
+        and rooms never wait for each other.
         """
-        claimed = self.registry.claim_answerable(room, self._answer_for(room))
-        streams = self.registry.streams_in(room)
-        if not claimed and not streams:
-            return
-        responses, answered = {}, 0
-        with self.fanout_lock:
-            for waiter, body in claimed:
-                key = (id(body), waiter.connection)
-                if key not in responses:
-                    responses[key] = self.render(HTTPStatus.OK, body, connection=waiter.connection)
-                waiter.send_nowait(responses[key])
-                if waiter.outcome is None:
-                    waiter.outcome = ANSWERED
-                    answered += 1
-            slow = self._feed_streams(room, streams) if streams else ()
-        if answered:
-            self.count_status(HTTPStatus.OK, answered)     # not the hung up: nothing was sent to them
-        for waiter, _ in claimed:
-            waiter.event.set()
-        self._end_streams(slow)
+        with self._lock:
+            if room in self._waking:
+                self._waking[room] = True
+                return
+            self._waking[room] = False
+            self.fanouts_idle.clear()
+        try:
+            again = True
+            while again:
+                self._fan_out(room)
+                with self._lock:
+                    again = self._waking[room]
+                    self._waking[room] = False
+        finally:
+            with self._lock:
+                del self._waking[room]
+                if not self._waking:
+                    self.fanouts_idle.set()
 
-    def _answer_for(self, room):
-        def answer(after, limit):
+    def _fan_out(self, room):
+        newest = self.store.newest_in(room)
+        if newest is None:
+            return
+        claimed = self.registry.claim_answerable(room, newest)
+        if claimed:
+            self._answer_polls(room, claimed)
+        streams = self.registry.streams_in(room)
+        if streams:
+            self._feed_streams(room, streams, newest)
+
+    def _answer_polls(self, room, claimed):
+        # One answer per distinct (after, limit), built when its group's turn comes and
+        # dropped after it, so a room's polls on a thousand distinct cursors hold one
+        # answer at a time, not a thousand.  What a socket does not take at once stays
+        # with its waiter, counted in the unsent budget; a client whose rest does not fit
+        # is disconnected (it polls again with its cursor and loses nothing).
+        groups = {}
+        for waiter in claimed:
+            groups.setdefault((waiter.after, waiter.limit), []).append(waiter)
+        answered = cut = 0
+        for (after, limit), waiters in groups.items():
             try:
                 messages = self.store.newer(room, after, limit)
             except (CursorGone, CursorAhead, StorageError):
-                return b""      # e.g. pruned meanwhile: let the waiter ask again at its timeout
-            return encode_list(messages) if messages else b""
-        return answer
+                messages = []   # e.g. pruned meanwhile: its next poll gets the real answer
+            with self.unsent.hold(messages) as fitting:
+                body = encode_list(fitting) if fitting else b"[]\n"
+                responses = {}
+                for waiter in waiters:
+                    data = responses.get(waiter.connection)
+                    if data is None:
+                        data = responses[waiter.connection] = self.render(
+                            HTTPStatus.OK, body, connection=waiter.connection)
+                    waiter.send_nowait(data)
+                    if waiter.outcome is not None:
+                        continue        # hung up: nothing was sent
+                    if waiter.unsent and not self.unsent.take(len(waiter.unsent)):
+                        waiter.unsent, waiter.outcome = b"", SLOW
+                        cut += 1
+                        continue
+                    waiter.held = len(waiter.unsent)
+                    waiter.outcome = ANSWERED
+                    answered += 1
+        if answered:
+            self.count_status(HTTPStatus.OK, answered)     # not the hung up: nothing was sent to them
+        if cut:
+            with self._lock:
+                self.polls_cut += cut
+        for waiter in claimed:
+            waiter.event.set()
 
-    def _feed_streams(self, room, streams):
-        # Called with fanout_lock held: write each live stream the events after its
-        # cursor, built once per distinct cursor; return the streams that could not take them.
-        events, slow, now = {}, [], time.monotonic()
+    def _feed_streams(self, room, streams, newest):
+        # Write each live stream the events after its cursor, page after page until it
+        # has `newest`.  Streams are grouped by cursor (after a post, nearly all share
+        # one) and a page is encoded once per group, one group at a time.  A stream that
+        # does not take a page whole at once is ended at that instant (see Waiter).
+        groups = {}
         for stream in streams:
-            if not stream.live:
-                continue        # still catching up on its own thread, or ended
-            if stream.after not in events:
-                events[stream.after] = self._events_after(room, stream.after)
-            data, last, count = events[stream.after]
-            if data is None:
-                slow.append((stream, HUNG_UP))  # its cursor is no longer valid: reconnecting gets a reset
-            elif data:
-                failure = stream.send_all_nowait(data)
-                if failure is None:
-                    stream.after, stream.last_write = last, now
-                    self.stream_events += count
-                else:
-                    slow.append((stream, failure))
-        return slow
+            if stream.live:
+                groups.setdefault(stream.after, []).append(stream)
+        ended, delivered = [], 0
+        for after, group in groups.items():
+            while group and (after is None or after < newest):
+                data, last, count = self._events_after(room, after)
+                if not data:
+                    if data is None:    # its cursor is no longer valid: reconnecting gets a reset
+                        ended.extend((stream, HUNG_UP) for stream in group)
+                    break
+                now, next_group = time.monotonic(), []
+                for stream in group:
+                    with stream.lock:
+                        if not stream.live:
+                            continue    # ended meanwhile
+                        if stream.after != after:
+                            continue    # moved by another pass; the room's next pass serves it
+                        failure = stream.send_all_nowait(data)
+                        if failure is None:
+                            stream.after, stream.last_write = last, now
+                            next_group.append(stream)
+                            delivered += count
+                        else:
+                            stream.live = False
+                            ended.append((stream, failure))
+                group, after = next_group, last
+                del data
+        if delivered:
+            with self._lock:
+                self.stream_events += delivered
+        self._end_streams(ended)
 
     def _events_after(self, room, after):
         try:
@@ -1729,18 +1850,18 @@ class ChatServer(ThreadingHTTPServer):
 
     def send_heartbeats(self, now):
         """Write a comment line to every event stream that has been quiet for HEARTBEAT_S."""
-        due = [s for s in self.registry.all_streams() if s.live and now - s.last_write >= HEARTBEAT_S]
-        if not due:
-            return
         slow = []
-        with self.fanout_lock:
-            for stream in due:
+        for stream in self.registry.all_streams():
+            if not stream.live or now - stream.last_write < HEARTBEAT_S:
+                continue
+            with stream.lock:
                 if not stream.live:
                     continue        # ended since the list was made
                 failure = stream.send_all_nowait(b":\n\n")
                 if failure is None:
                     stream.last_write = now
                 else:
+                    stream.live = False
                     slow.append((stream, failure))
         self._end_streams(slow)
 
@@ -1756,6 +1877,7 @@ class ChatServer(ThreadingHTTPServer):
         stats.update(self.store.stats())
         stats["stream_events"] = self.stream_events
         stats["streams_cut"] = self.streams_cut
+        stats["polls_cut"] = self.polls_cut
         stats["unsent_bytes"] = self.unsent.bytes
         database = self.store.database
         stats["writable"] = database is None or database.unwritable is None
@@ -1784,11 +1906,10 @@ class ChatServer(ThreadingHTTPServer):
         self.housekeeper.stop()
         goodbye = self.render(HTTPStatus.OK, b"[]\n", connection="close")
         waiters = self.registry.claim_all()
-        with self.fanout_lock:
-            for waiter in waiters:
-                if not waiter.stream:
-                    waiter.send_nowait(goodbye)
-                waiter.outcome = CLOSING
+        for waiter in waiters:
+            if not waiter.stream:
+                waiter.send_nowait(goodbye)
+            waiter.outcome = CLOSING
         for waiter in waiters:
             waiter.event.set()
         with self._lock:
@@ -1860,6 +1981,10 @@ _FIELD_LINE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]
 _BAD_FIELD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]+\Z")
 _BARE_CR = re.compile(rb"\r(?!\n)")
+#: Optional whitespace (RFC 9110 5.6.3): SP and HTAB only.  Python's str.strip() with no
+#: argument also strips NBSP, NEL and other Unicode spaces, which header values decoded as
+#: Latin-1 can hold ("chunked\xa0" must not be read as chunked: nginx answers 501).
+OWS = " \t"
 _CR_NOT_LF = re.compile(rb"\r[^\n]")      # in a head still arriving: a CR at its end may be half a CRLF
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;.*)?\Z")
 #: Fields that must not appear twice: a second one would be read differently by different
@@ -1925,7 +2050,7 @@ def parse_head(head):
             raise _refused_field_line(line)
         name, _, value = line.partition(":")
         key = name.lower()
-        value = value.strip(" \t")
+        value = value.strip(OWS)
         if key in headers:
             if key in SINGLE_FIELDS:
                 raise framing_error("two %s headers" % name)
@@ -1963,7 +2088,7 @@ def _check_framing(request):
     if connection is None:
         request.keep_alive = not http10
     else:
-        tokens = {t.strip() for t in connection.lower().split(",")}
+        tokens = {t.strip(OWS) for t in connection.lower().split(",")}
         request.keep_alive = "close" not in tokens and (not http10 or "keep-alive" in tokens)
     coding, length = headers.get("transfer-encoding"), headers.get("content-length")
     if coding is not None:
@@ -1971,7 +2096,7 @@ def _check_framing(request):
             raise framing_error("Transfer-Encoding is not allowed in an HTTP/1.0 request")
         if length is not None:
             raise framing_error("send Content-Length or Transfer-Encoding, not both")
-        codings = [c.strip().lower() for c in coding.split(",")]
+        codings = [c.strip(OWS).lower() for c in coding.split(",")]
         if codings != ["chunked"]:
             if "" in codings or "chunked" in codings[:-1]:
                 raise framing_error("chunked must be the last and only transfer coding")
@@ -2284,7 +2409,7 @@ class AccessPolicy:
         scheme, _, credentials = given.partition(" ")
         if scheme.lower() != "bearer" or not credentials:
             credentials = query_token or ""
-        if not hmac.compare_digest(credentials.strip().encode("utf-8", "replace"), self.token.encode("utf-8")):
+        if not hmac.compare_digest(credentials.strip(OWS).encode("utf-8", "replace"), self.token.encode("utf-8")):
             raise HTTPError(401, "this server needs 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": 'Bearer realm="chat"'})
 
@@ -2292,7 +2417,7 @@ class AccessPolicy:
 def rate_key(address):
     """The rate-limit key for a client address: the address itself, an IPv6 one by its /64
     (one machine usually holds the whole /64); None if `address` is not an IP address."""
-    text = address.strip()
+    text = address.strip(OWS)
     if text.startswith("[") and "]" in text:
         text = text[1:text.index("]")]          # [v6]:port
     elif text.count(":") == 1:
@@ -2357,7 +2482,41 @@ class ClientNotReading(ConnectionError):
     """The client did not read its answer within --idle-timeout."""
 
 
-_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s]*")
+_Q_VALUE = re.compile(r"[ \t]*[qQ][ \t]*=[ \t]*(0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)[ \t]*\Z")
+
+
+def accepts_event_stream(accept):
+    """True if an Accept header value asks for text/event-stream with a weight above 0."""
+    for item in accept.split(","):
+        media_type, _, params = item.partition(";")
+        if media_type.strip(OWS).lower() != "text/event-stream":
+            continue
+        weight = 1.0
+        for param in params.split(";"):
+            match = _Q_VALUE.match(param)
+            if match:
+                weight = float(match.group(1))
+        if weight > 0:
+            return True
+    return False
+
+
+def hide_query_token(line):
+    """The request line for the logs: the value of every query parameter whose name is
+    `token` once %-decoded (?token=, ?%74oken=, ...) replaced by [hidden]."""
+    method, _, rest = line.partition(" ")
+    target, _, version = rest.rpartition(" ")
+    path, mark, query = target.partition("?")
+    if not mark:
+        return line
+    pieces = re.split(r"([&;#])", query)
+    for index in range(0, len(pieces), 2):
+        name = urllib.parse.unquote_plus(pieces[index].partition("=")[0], errors="replace")
+        if name.strip().lower() == "token":
+            pieces[index] = "token=[hidden]"
+    return "%s %s?%s %s" % (method, path, "".join(pieces), version)
+
+
 _INTEGER = re.compile(r"[0-9]{1,9}\Z")
 _DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{0,6})?\Z")
 
@@ -2427,7 +2586,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.req = request
         self.command, self.path, self.request_version = request.method, request.target, request.version
         self.headers = request.headers
-        self.requestline = _TOKEN_IN_QUERY.sub(r"\1[hidden]", request.line)
+        self.requestline = hide_query_token(request.line)
         self.close_connection = not request.keep_alive
         method = getattr(self, "do_" + request.method, None)
         if method is None:
@@ -2466,7 +2625,9 @@ class ChatHandler(BaseHTTPRequestHandler):
                 self.server.policy.check_origin(request, host)
             query = parse_query(query)
             if self.server.config.token and path not in self.OPEN_PATHS:
-                self.server.policy.check_token(request, query.get("token") if self._wants_stream() else None)
+                # ?token= only where an EventSource, which cannot send headers, needs it.
+                stream = route == "get_messages" and self._wants_stream()
+                self.server.policy.check_token(request, query.get("token") if stream else None)
             room = self._room_of(path)
             if self.command != "POST" and not self._discard_body():
                 self.close_connection = True
@@ -2538,7 +2699,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             return False
 
     def _wants_stream(self):
-        return self.command == "GET" and "text/event-stream" in self.headers.get("accept", "")
+        return self.command == "GET" and accepts_event_stream(self.headers.get("accept", ""))
 
     # -- routes --
 
@@ -2627,6 +2788,11 @@ class ChatHandler(BaseHTTPRequestHandler):
         if waiter.outcome == HUNG_UP:
             self.close_connection = True
             return
+        if waiter.outcome == SLOW:
+            self.close_connection = True
+            self.log_message("%s: the answer did not fit in what the server holds for clients that "
+                             "do not read (%d bytes); connection closed", self.requestline, MAX_UNSENT_BYTES)
+            return
         if waiter.outcome == SENT_EARLY:
             # The client sent its next request before this one was answered: answer
             # this one now, as at a timeout, and go on to the next.
@@ -2634,8 +2800,12 @@ class ChatHandler(BaseHTTPRequestHandler):
         elif waiter.outcome == CLOSING:
             self.close_connection = True
         if waiter.unsent:
-            self._send_bytes(waiter.unsent)
-            waiter.unsent = b""
+            try:
+                self._send_bytes(waiter.unsent)
+            finally:
+                waiter.unsent = b""
+                self.server.unsent.release(waiter.held)
+                waiter.held = 0
         if waiter.outcome == ANSWERED:
             # Counted by the post that wrote it: thousands of threads woken together
             # would otherwise all queue for the server's lock here.
@@ -2649,7 +2819,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         if self.server.config.trust_proxy:
             # The proxy appends the address it was connected from: the last entry.
             last = self.headers.get("x-forwarded-for", "").rpartition(",")[2]
-            key = rate_key(last) if last.strip() else None
+            key = rate_key(last) if last.strip(OWS) else None
             if key:
                 return key
         return rate_key(self.client_address[0]) or self.client_address[0]
@@ -2774,9 +2944,9 @@ def _parse_content_type(header):
     params = {}
     for item in rest.split(";"):
         name, _, value = item.partition("=")
-        if name.strip():
-            params[name.strip().lower()] = value.strip().strip('"')
-    return ctype.strip().lower(), params
+        if name.strip(OWS):
+            params[name.strip(OWS).lower()] = value.strip(OWS).strip('"')
+    return ctype.strip(OWS).lower(), params
 
 
 def read_message_fields(raw, content_type):
@@ -2847,7 +3017,7 @@ def _parse_form(text):
     return fields
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
@@ -2857,6 +3027,7 @@ def _validate_fields(fields):
     if not isinstance(body, str):
         raise HTTPError(400, "the message needs a 'body': send body=... as form data or JSON {\"body\": \"...\"}"
                         if body is None else "'body' must be a string, not %s" % type(body).__name__)
+    body = body.replace("\r\n", "\n")     # a form's new lines; a lone CR is refused below
     if not body.strip():
         raise HTTPError(400, "'body' is empty")
     if _SURROGATE.search(body):
@@ -2913,7 +3084,7 @@ class EventStream:
         header = self.handler.headers.get("last-event-id")
         if header is not None:
             try:
-                return parse_cursor(header.strip()) or ZERO_ID, False
+                return parse_cursor(header.strip(OWS)) or ZERO_ID, False
             except ValueError:
                 return ZERO_ID, True
         after = self.query.get("after")
@@ -2925,7 +3096,9 @@ class EventStream:
         handler, server, store = self.handler, self.server, self.server.store
         cursor, reset = self._start()
         tail = self.query.get("tail")
-        if tail is not None and cursor is not None:
+        if self.handler.headers.get("last-event-id") is not None:
+            tail = None     # an EventSource reconnecting to its ?tail= URL: the header wins
+        elif tail is not None and cursor is not None:
             raise HTTPError(400, "use 'after' or 'tail', not both")
         tail = handler._limit(self.query, "tail") if tail is not None else None
         handler.close_connection = True
@@ -2951,10 +3124,10 @@ class EventStream:
             # (the client reconnects with its Last-Event-ID).
             handler.log_error("%s: event stream ended: %s", handler.requestline, exc)
         finally:
-            # Posts and heartbeats write to live streams under the fan-out lock, from other
+            # Posts and heartbeats write to live streams under the stream's lock, from other
             # threads: once the socket is closed its descriptor number may be a new
             # client's, so no writer may still be, or later get, inside.
-            with server.fanout_lock:
+            with waiter.lock:
                 waiter.live = False
             server.housekeeper.unwatch(waiter)
             server.registry.claim(waiter)
@@ -2981,19 +3154,14 @@ class EventStream:
 
     def _catch_up(self, waiter, cursor):
         # Write what is newer than the cursor, page by page, until there is nothing
-        # more; the last look is under the fan-out lock, and going live happens in the
-        # same breath, so a post lands either in that look or in the fan-out.
+        # more; then go live.  A post that lands between the last look and going live
+        # found the stream not live yet, so look once more and let the room's fan-out
+        # write it: the fan-out writes only what is after the stream's cursor, under
+        # its lock, so nothing is written twice.
         server, store = self.server, self.server.store
         while waiter.outcome is None:
             try:
                 messages = store.newer(self.room, cursor, MAX_LIMIT)
-                if not messages:
-                    with server.fanout_lock:
-                        messages = store.newer(self.room, cursor, MAX_LIMIT)
-                        if not messages:
-                            waiter.after, waiter.live = cursor, True
-                            waiter.last_write = time.monotonic()
-                            return
             except CursorGone as exc:
                 self._send_reset(exc.oldest)
                 cursor = None
@@ -3002,7 +3170,16 @@ class EventStream:
                 self._send_reset(None)
                 cursor = None
                 continue
-            cursor = self._send_page(messages)
+            if messages:
+                cursor = self._send_page(messages)
+                continue
+            with waiter.lock:
+                waiter.after, waiter.live = cursor, True
+                waiter.last_write = time.monotonic()
+            newest = store.newest_in(self.room)
+            if newest is not None and (cursor is None or newest > cursor):
+                server.wake(self.room)
+            return
 
 
 # ---------------------------------------------------------------------------
