@@ -6,6 +6,7 @@ Run:    python bench/bench.py                 # every scenario, full sizes (abou
         python bench/bench.py --only wake,fanout --fanout-sizes 10000 --recovery-runs 10
         python bench/bench.py --only post,stream --post-fanout 5000 --stream-sizes 1000,10000
         python bench/bench.py --only shards --shard-clients 64 --shard-waiters 5000
+        python bench/bench.py --only adversarial --adversarial-runs 5     # not part of the default run
 
 Starts ../chat_server.py (relative to this file) as a separate process for each scenario size
 (`--port 0 --quiet --db :memory:`, or a database file in a temporary directory for the durable
@@ -60,10 +61,33 @@ Scenarios
             2 shards one on each CPU, nginx and the load generator unpinned (they compete with the
             shards: that is what 2 cores give). On 4 or more CPUs nginx and the load generator get
             CPUs of their own in both runs. A row says "skipped" without README.md, nginx or openssl.
+    adversarial  Issue 19's hostile mixes; only with --only adversarial (the default run and --quick leave it
+            out). Each part on a fresh server (--db :memory:, or --adversarial-db file for a database file,
+            where a burst lands in group commits). Cursors are fabricated: one post to room adv (id A), one to
+            room other, one to a third room (id L); ids spaced evenly strictly between A and L are valid
+            positions in adv, after its newest message, so every client waits, each on a distinct cursor, and
+            every later adv post is news to all of them. A burst is 64 posts of 10,000 '"' (text/plain: the
+            body limit counts the request's bytes; the stored JSON is ~20 KB), one per keep-alive connection
+            opened beforehand, all but its last byte sent first, then the 64 last bytes at once (with a file,
+            just after a post to a third room, whose commit the burst queues behind). "Non-reading" clients set
+            SO_RCVBUF 4096 before connecting and are never read once parked. The server's RSS is sampled every
+            50 ms and its peak taken from /proc VmHWM; past 10 GiB (ADV_RSS_ABORT_MIB) it is killed and the run
+            says "aborted". (a) polls: N non-reading long polls on adv, each on its own (after, limit) pair
+            (limit 1..1000 cycling), and one reading poll on room other; the burst, and right after it one post
+            to other: RSS before the burst and peak (until --adversarial-hold s after the burst), the other
+            room's wake-up (its post sent -> its poll's answer; "not within 60 s"), server CPU. (b) streams:
+            the same with M non-reading event streams on adv, each with its own Last-Event-ID. (c) order: K
+            reading event streams (half of them slow readers: SO_RCVBUF 4096) and K reading long-poll followers
+            on adv (distinct cursors; followers with distinct limits), plus K non-reading polls and K non-
+            reading streams; several bursts, each with posts to 4 other rooms at the same time; at the end
+            every reader must have every adv id exactly once, in id order (duplicates, reorderings, lost are
+            counted per kind). A stream the server ends reconnects with Last-Event-ID = its last id (the
+            contract): counted as cuts, not errors. Targets: peak RSS within the README's bound
+            (README_RSS_BOUND_MIB), the other room's wake-up <= 100 ms, no duplicates, reorderings or losses.
 
 Output: one JSON line per scenario size (post: per row) as it finishes (stdout), then one aligned table
 with PASS/MISS against the targets. Progress goes to stderr.
-Exit status: 0; 1 if ordering (order, stream) found a lost/duplicated/reordered message or any
+Exit status: 0; 1 if ordering (order, stream, adversarial) found a lost/duplicated/reordered message or any
 scenario could not run correctly (exception, wrong status, a waiter never answered, a stream ended
 by the server, a failed request through nginx, a room whose posts reached two shards). Missed
 targets do not change it.
@@ -99,7 +123,8 @@ LONG_POLL_S = 120                       # ?timeout= for fan-out/idle waiters (se
 LINGER_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, leaves no TIME_WAIT
 RECONNECT_GAP_S = 0.2                   # stream rate: streams we close mid-run are reopened after this
 
-SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards")
+SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards", "adversarial")
+DEFAULT_SCENARIOS = SCENARIOS[:-1]      # adversarial runs only when named: it is made to break today's server
 
 
 def log(msg):
@@ -252,12 +277,12 @@ def self_cpu():
     return t[0] + t[1]
 
 
-def proc_rss_kib(pid):
-    """VmRSS in KiB, or None where /proc is missing."""
+def proc_rss_kib(pid, field=b"VmRSS:"):
+    """VmRSS in KiB (or another /proc/PID/status field: b"VmHWM:", the peak RSS), or None where /proc is missing."""
     try:
         with open("/proc/%d/status" % pid, "rb") as f:
             for line in f:
-                if line.startswith(b"VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -796,15 +821,19 @@ class TLSConn(Conn):
 class Loop:
     """A selector and the loop that drives every Conn registered on it."""
 
-    def __init__(self):
+    def __init__(self, rcvbuf=None):
         self.sel = selectors.DefaultSelector()
         self.dropped = 0        # connections the server closed with a request outstanding
         self.tls_errors = 0     # TLS handshakes that failed (TLSConn)
+        self.rcvbuf = rcvbuf    # SO_RCVBUF set before each connect (a small window: clients that do not read)
 
-    def connect(self, port, on_resp, tag=None, timeout=5.0, cls=None):
-        """A new connected Conn, or `cls` (StreamConn), (blocking connect with a timeout, then non-blocking)."""
+    def connect(self, port, on_resp, tag=None, timeout=5.0, cls=None, rcvbuf=None):
+        """A new connected Conn, or `cls` (StreamConn), (blocking connect with a timeout, then non-blocking);
+        SO_RCVBUF `rcvbuf`, else the loop's, if set."""
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
+            if rcvbuf or self.rcvbuf:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf or self.rcvbuf)
             s.settimeout(timeout)
             s.connect((HOST, port))
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -914,7 +943,8 @@ def wait_parked(ctl, loop, target, timeout, key="waiters"):
 
 
 def park(ctx, port, ctl, loop, n, request, on_resp, state, timeout, key="waiters", cls=None):
-    """Open n keep-alive clients in batches, each sending `request`; wait until /stats shows them parked.
+    """Open n keep-alive clients in batches, each sending `request` (or request(i), if it is a function of the
+    client's index); wait until /stats shows them parked.
 
     state.early counts responses that arrived before they should (errors: 503, a timeout, ...).
     With key="streams" and cls=StreamConn it opens event streams instead. Each conn's tag is its
@@ -939,7 +969,7 @@ def park(ctx, port, ctl, loop, n, request, on_resp, state, timeout, key="waiters
                 if connect_errors > 100:
                     break
                 continue
-            c.send(request)
+            c.send(request(len(conns)) if callable(request) else request)
             conns.append(c)
         if connect_errors > 100:
             ok = False
@@ -1958,6 +1988,428 @@ def scenario_stream_rate(ctx, n, rate, seconds, reconnects):
 
 
 # ---------------------------------------------------------------------------------------------------
+# adversarial: distinct cursors and limits, clients that do not read, bursts of large posts (issue 19)
+
+
+ADV_ROOM = "adv"                # the room under attack
+ADV_OTHER = "other"             # an unrelated room: its poll must not wait for adv's fan-out
+ADV_BURST = 64                  # posts per burst, each on its own keep-alive connection, sent at once
+ADV_BODY = b'"' * 10000         # MAX_BODY_BYTES of text/plain; its JSON (each " escaped) is twice as long
+ADV_RCVBUF = 4096               # SO_RCVBUF of the clients that never read: their answers cannot drain
+# The README's "Memory, worst case" (## Limits): "31 MiB at start + 300 + 84 + 15,000 x 45 KiB
+# ~= 1.1 GiB, whatever clients do" (default flags; the bench's --max-connections is lower).
+README_RSS_BOUND_MIB = 1.1 * 1024
+ADV_RSS_ABORT_MIB = 10 * 1024   # past this the server is killed (SIGKILL, its own PID): the machine has 24 GiB
+ADV_WAKE_BOUND_S = 60.0         # the other room's poll: "not within 60 s" after this
+ADV_WAKE_TARGET_MS = 100.0      # issue 19: one room's fan-out delays another room's wake-up by at most this
+ADV_ID_RE = re.compile(rb'\{"id":"([0-9a-f-]{36})"')      # each message of an answer starts with its id
+
+
+def adv_post_request(room=ADV_ROOM):
+    """One burst post: 10,000 '"' as text/plain (the body limit is the request's bytes, so JSON could not
+    carry as many: each '"' escaped is two bytes; the server stores and sends it as JSON, ~20 KB)."""
+    return build_request("POST", "/rooms/%s/messages" % room, ADV_BODY, ctype="text/plain; charset=utf-8")
+
+
+def uuid_int(text):
+    return int(text.replace("-", ""), 16)
+
+
+def uuid_text(value):
+    t = "%032x" % value
+    return "%s-%s-%s-%s-%s" % (t[:8], t[8:12], t[12:16], t[16:20], t[20:])
+
+
+def adv_cursors(ctl, n):
+    """Seed a fresh server and fabricate n distinct cursors: one post to adv (id A), one to other (its poll's
+    cursor), one to a third room (id L, the newest). Ids strictly between A and L are valid positions in adv
+    (after its newest, not after the newest issued: no 410, no reset), so a poll or stream on any of them
+    waits, and every later adv post is news to all of them. Returns (cursors, other's cursor)."""
+    a = uuid_int(ctl.post(ADV_ROOM, "seed"))
+    other = ctl.post(ADV_OTHER, "seed")
+    b = uuid_int(ctl.post("seed", "the newest id before the burst"))
+    step = (b - a) // (n + 1)
+    if step < 1:
+        raise ProtocolError("ids too close to fabricate %d cursors between them" % n)
+    return [uuid_text(a + (k + 1) * step) for k in range(n)], other
+
+
+class AdvWatch:
+    """While a part runs: the server's RSS sampled every few ms (VmRSS; VmHWM is the peak since start), its
+    CPU, and the abort past ADV_RSS_ABORT_MIB."""
+
+    def __init__(self, srv, res):
+        self.srv, self.res = srv, res
+        self.max_kib = 0
+        self.aborted = False
+        self.cpu0 = srv.cpu()
+
+    def sample(self):
+        if self.aborted:
+            return False
+        kib = self.srv.rss()
+        if kib is None:
+            return True
+        self.max_kib = max(self.max_kib, kib)
+        if kib > ADV_RSS_ABORT_MIB * 1024:
+            self.res["aborted"] = "server RSS %.0f MiB > %d MiB: killed" % (kib / 1024.0, ADV_RSS_ABORT_MIB)
+            self.res["rss_peak_mib"] = rnd(self.peak_kib() / 1024.0, 1)
+            log("adversarial: %s" % self.res["aborted"])
+            self.res["server_cpu_s"] = rnd(self.srv.cpu() - self.cpu0) if self.cpu0 is not None else None
+            self.srv.proc.kill()
+            self.srv.proc.wait(10)
+            self.aborted = True
+            return False
+        return True
+
+    def peak_kib(self):
+        hwm = proc_rss_kib(self.srv.pid, b"VmHWM:")
+        return max(self.max_kib, hwm or 0)
+
+    def run(self, loop, until, bound):
+        """Serve `loop` in short slices, sampling, until until() or `bound` s; False if aborted."""
+        deadline = now() + bound
+        while self.sample():
+            if until is not None and until():
+                return True
+            left = deadline - now()
+            if left <= 0:
+                return True
+            loop.run(None, min(0.05, left))
+        return False
+
+    def finish(self):
+        if self.aborted:
+            return
+        self.res["rss_peak_mib"] = rnd(self.peak_kib() / 1024.0, 1)
+        self.res["rss_end_mib"] = rnd((self.srv.rss() or 0) / 1024.0, 1)
+        if self.cpu0 is not None:
+            self.res["server_cpu_s"] = rnd(self.srv.cpu() - self.cpu0)
+
+
+def adv_burst_conns(loop, port, st):
+    """ADV_BURST keep-alive connections for one burst each, connected in advance; answers counted in st."""
+    def on_post(c, status, body, t):
+        st.burst_answered += 1
+        if status == 201:
+            st.posted.append(json.loads(body.decode("utf-8"))["id"].encode("ascii"))
+            st.burst_max = max(st.burst_max, t - c.t_sent)
+        else:
+            st.burst_bad += 1
+            if st.burst_bad <= 3:
+                log("adversarial: burst POST answered %s %r" % (status, body[:120]))
+    return [loop.connect(port, on_post) for _ in range(ADV_BURST)]
+
+
+def scenario_adversarial(ctx, part, n, run_no):
+    """Issue 19's adversarial mixes on a fresh server (part polls, streams or order); see the docstring."""
+    res = {"scenario": "adversarial", "part": part, "clients": n, "run": run_no, "db": ctx.adv_db}
+    srv = start_server(ctx, ":memory:" if ctx.adv_db == "memory" else
+                       os.path.join(ctx.tmpdir, "adversarial-%s-%d.db" % (part, run_no)))
+    ctl = Ctl(srv.port)
+    loop = Loop()                            # clients that read: the other room's poll, posters, followers
+    quiet = Loop(rcvbuf=ADV_RCVBUF)          # clients that never read once their request is parked
+    errors = 0
+    try:
+        if part == "order":
+            errors += adv_order(ctx, srv, ctl, loop, quiet, n, res)
+        else:
+            errors += adv_flood(ctx, srv, ctl, loop, quiet, part, n, res)
+    finally:
+        quiet.close_all()
+        loop.close_all()
+        ctl.close()
+        res["server_exit"] = srv.stop() if srv.proc.poll() is None else srv.proc.returncode
+    res["errors"] = errors
+    return res
+
+
+def adv_flood(ctx, srv, ctl, loop, quiet, part, n, res):
+    """Parts polls and streams: n non-reading clients on distinct cursors (polls: distinct limits too),
+    one reading poll on another room, one burst, then that room's post; RSS, CPU, the other room's wake."""
+    errors = 0
+    cursors, other_cursor = adv_cursors(ctl, n)
+    st = State(early=0, heads=0, ended=0, other_t=None, other_status=None, other_body=None, other_post_t=None,
+               other_post_status=None, posted=[], burst_answered=0, burst_bad=0, burst_max=0.0)
+
+    def on_quiet(c, status, body, t):                   # a poll answered before the burst: 503, 400, ...
+        st.early += 1
+        if st.early <= 3:
+            log("adversarial: parked poll answered before the burst: %s %r" % (status, body[:120]))
+
+    def on_quiet_stream(c, mid, t):
+        if mid is None:
+            st.ended += 1
+            if st.ended <= 3:
+                log("adversarial: stream %s ended before the burst: %s" % (c.tag, c.ended_by))
+        elif not mid:
+            st.heads += 1
+        else:
+            st.early += 1
+
+    def on_other(c, status, body, t):
+        st.other_t, st.other_status, st.other_body = t, status, body
+
+    def on_other_post(c, status, body, t):
+        st.other_post_t, st.other_post_status = t, status
+
+    other = loop.connect(srv.port, on_other)
+    other.send(poll_request(ADV_OTHER, other_cursor, LONG_POLL_S))
+    posters = adv_burst_conns(loop, srv.port, st)
+    other_poster = loop.connect(srv.port, on_other_post)
+    leader = loop.connect(srv.port, lambda c, status, body, t: None)
+    ok, _ = wait_parked(ctl, loop, lambda: 1, 10)
+    if not ok:
+        raise ProtocolError("the other room's poll did not park")
+    t_park = now()
+    if part == "polls":
+        conns, cerr, ok = park(ctx, srv.port, ctl, quiet, n,
+                               lambda i: poll_request(ADV_ROOM, cursors[i], LONG_POLL_S, limit=1 + i % 1000),
+                               on_quiet, st, timeout=ctx.park_timeout)
+        parked = outstanding(conns)
+    else:
+        conns, cerr, ok = park(ctx, srv.port, ctl, quiet, n,
+                               lambda i: stream_request(ADV_ROOM, last_event_id=cursors[i]),
+                               on_quiet_stream, st, timeout=ctx.park_timeout, key="streams", cls=StreamConn)
+        quiet.run(lambda: st.heads + st.ended >= len(conns), 10.0)     # the head and retry block only
+        quiet.run(None, 0.2)                                            # each goes live just after its head
+        parked = st.heads - st.ended
+    res["park_s"] = rnd(now() - t_park)
+    res["parked"] = parked
+    res["park_errors"] = cerr + st.early + st.ended
+    errors += res["park_errors"] + (0 if ok else 1)
+    # Every connection the burst uses is counted before it starts (accepted, its thread waiting).
+    wait_stats(ctl, lambda x: x.get("connections", 0) >= parked + ADV_BURST + 4, 10.0)
+    ctl.close()                         # /stats during the burst would queue behind it: not asked again
+    # Each burst post goes out whole but its last byte, read by its server thread, which then waits for it;
+    # the last bytes go together, so the 64 posts are stored as close together as the server can.
+    req = adv_post_request()
+    for c in posters:
+        c.send(req[:-1])
+        c.pending -= 1                                  # one request, counted when its last byte goes
+    loop.run(None, 0.3)
+    res["rss_before_mib"] = rnd((srv.rss() or 0) / 1024.0, 1)
+    watch = AdvWatch(srv, res)
+    t_burst = now()
+    if ctx.adv_db == "file":
+        # Another room's post first: its commit is under way when the burst arrives, so the burst queues
+        # behind it and lands in one group commit (64 messages visible to adv's first wake at once).
+        leader.send(adv_post_request("seed"))
+    for c in posters:
+        c.send(req[-1:])
+    other_poster.send(post_request(ADV_OTHER, "is this room still awake?"))
+    t_other = other_poster.t_sent
+    res["burst_send_ms"] = ms(t_other - t_burst)
+    hold = ctx.adv_hold
+
+    def done():
+        t = now()
+        return t >= t_burst + hold and st.burst_answered >= ADV_BURST and \
+            (st.other_t is not None or t >= t_other + ADV_WAKE_BOUND_S)
+
+    watch.run(loop, done, max(hold, ADV_WAKE_BOUND_S) + 5.0)
+    watch.finish()
+    if st.other_t is not None and st.other_status == 200 and st.other_body.count(b'"id":') == 1:
+        res["other_room_wake_ms"] = ms(st.other_t - t_other)
+    elif st.other_t is not None:
+        res["other_room_answer"] = "%s %r" % (st.other_status, st.other_body[:120])
+        errors += 1
+    else:
+        res["other_room_wake_ms"] = None
+        res["other_room_wake"] = "not within %.0f s" % (now() - t_other) if not watch.aborted else "aborted"
+    res["other_post_ms"] = ms(st.other_post_t - t_other) if st.other_post_t else None
+    res["burst_answered"] = st.burst_answered
+    res["burst_max_ms"] = ms(st.burst_max) if st.posted else None
+    if not watch.aborted:
+        errors += st.burst_bad + (ADV_BURST - st.burst_answered)
+        after = Ctl(srv.port)
+        try:
+            sp = after.stats()
+            res["streams_cut"] = sp.get("streams_cut")
+            res["unsent_mib_end"] = rnd(sp.get("unsent_bytes", 0) / 1048576.0, 1)
+        except (OSError, EOFError, ProtocolError, ValueError) as e:
+            res["stats_after"] = "%s: %s" % (type(e).__name__, e)
+        finally:
+            after.close()
+    return errors
+
+
+def adv_order(ctx, srv, ctl, loop, quiet, k, res):
+    """Part order: k reading streams and k reading long-poll followers on adv, each on a distinct cursor
+    (followers with distinct limits), k non-reading polls and k non-reading streams likewise; ctx.adv_bursts
+    bursts, each followed by posts to other rooms; every reader must see every adv id once, in id order.
+    A stream the server ends reconnects with Last-Event-ID = the last id it received (the contract)."""
+    errors = 0
+    cursors, _ = adv_cursors(ctl, 4 * k)
+    seqs = [[] for _ in range(2 * k)]                   # 0..k-1 streams, k..2k-1 followers
+    st = State(heads=0, ended=0, cuts=0, reopen=[], reconnects=0, early=0, bad=0, dropped=0, stop=False,
+               posted=[], burst_answered=0, burst_bad=0, burst_max=0.0, others_posted=0, others_bad=0)
+    curs = cursors[:2 * k]
+    limits = [1 + j % 1000 for j in range(k)]
+
+    def on_event(c, mid, t):
+        if mid:
+            seqs[c.tag].append(mid)
+        elif mid is None:
+            st.ended += 1
+            if not st.stop:
+                st.cuts += 1
+                if st.cuts <= 3:
+                    log("adversarial order: stream %d ended: %s" % (c.tag, c.ended_by))
+                st.reopen.append(c.tag)
+        else:
+            st.heads += 1
+
+    def open_stream(i):
+        last = seqs[i][-1].decode("ascii") if seqs[i] else curs[i]
+        # Odd streams read through a small window (SO_RCVBUF 4096): slow readers, whose writes the server
+        # cannot complete at once, so their streams are cut while later wakes are queued for them.
+        c = loop.connect(srv.port, on_event, tag=i, cls=StreamConn, rcvbuf=ADV_RCVBUF if i % 2 else None)
+        c.send(stream_request(ADV_ROOM, last_event_id=last))
+        opened.append(c)
+        return c
+
+    def on_follow(c, status, body, t):
+        i = c.tag
+        if status == 200:
+            seqs[i].extend(ADV_ID_RE.findall(body))
+        elif status is None:
+            st.dropped += 1
+            if st.dropped > 10 * k or st.stop:
+                return
+            c = loop.connect(srv.port, on_follow, tag=i)
+        else:
+            st.bad += 1
+            if st.bad <= 3:
+                log("adversarial order: follower GET answered %s %r" % (status, body[:120]))
+            if st.bad > 50:
+                return
+        if not st.stop and not c.dead:
+            last = seqs[i][-1].decode("ascii") if seqs[i] else curs[i]
+            c.send(poll_request(ADV_ROOM, last, 30, limit=limits[i - k]))
+
+    def on_quiet(c, *args):
+        pass
+
+    opened = []                                         # every reading stream connection, reconnects too
+    for i in range(k):
+        open_stream(i)
+    ok1, _ = wait_parked(ctl, loop, lambda: k, ctx.park_timeout, key="streams")
+    cerr1 = 0
+    loop.run(lambda: st.heads + st.ended >= k, 10.0)
+    base = ctl.stats().get("waiters", 0)
+    followers = []
+    for j in range(k):
+        c = loop.connect(srv.port, on_follow, tag=k + j)
+        c.send(poll_request(ADV_ROOM, curs[k + j], 30, limit=limits[j]))
+        followers.append(c)
+    ok2, _ = wait_parked(ctl, loop, lambda: base + outstanding(followers), 30)
+    qp, cerr3, ok3 = park(ctx, srv.port, ctl, quiet, k,
+                          lambda i: poll_request(ADV_ROOM, cursors[2 * k + i], LONG_POLL_S, limit=1 + (500 + i) % 1000),
+                          on_quiet, st, timeout=ctx.park_timeout)
+    qs, cerr4, ok4 = park(ctx, srv.port, ctl, quiet, k,
+                          lambda i: stream_request(ADV_ROOM, last_event_id=cursors[3 * k + i]),
+                          on_quiet, st, timeout=ctx.park_timeout, key="streams", cls=StreamConn)
+    quiet.run(None, 0.3)
+    res["park_errors"] = cerr1 + cerr3 + cerr4 + st.ended
+    errors += res["park_errors"] + sum(1 for x in (ok1, ok2, ok3, ok4) if not x)
+    if st.ended:
+        raise ProtocolError("%d reading streams ended before the first burst" % st.ended)
+    res["rss_before_mib"] = rnd((srv.rss() or 0) / 1024.0, 1)
+    watch = AdvWatch(srv, res)
+    others = [loop.connect(srv.port, None, tag=r) for r in range(4)]
+
+    def on_other_post(c, status, body, t):
+        st.others_posted += 1
+        if status != 201:
+            st.others_bad += 1
+    for c in others:
+        c.on_resp = on_other_post
+
+    def reopen():
+        while st.reopen:
+            i = st.reopen.pop()
+            st.reconnects += 1
+            if st.reconnects <= 20 * k:
+                open_stream(i)
+
+    t0 = now()
+    req = adv_post_request()
+    for b in range(ctx.adv_bursts):
+        posters = adv_burst_conns(loop, srv.port, st)
+        for c in posters:
+            c.send(req)
+        for c in others:                                # interleaved: other rooms while adv's fan-out runs
+            c.send(post_request("other-%d" % c.tag, "burst %d" % b))
+        want = (b + 1) * ADV_BURST
+        if not watch.run(loop, lambda: (reopen() or True) and st.burst_answered >= want and
+                         st.others_posted >= (b + 1) * len(others), 30.0):
+            break
+        for c in posters:
+            c.close()
+        watch.run(loop, lambda: reopen() and False, 0.3)    # let the fan-out run before the next burst
+    posted = sorted(st.posted)
+    last = posted[-1] if posted else None
+
+    def caught_up():
+        reopen()
+        return all(q and q[-1] == last for q in seqs)
+
+    drained = watch.run(loop, caught_up, ctx.adv_order_bound) and caught_up() if last else True
+    st.stop = True
+    res["seconds"] = rnd(now() - t0)
+    loop.run(None, 0.1)                                 # anything more would be a duplicate
+    watch.finish()
+    if watch.aborted:
+        return errors
+    index = {m: i for i, m in enumerate(posted)}
+    out = {}
+    for kind, rng in (("stream", range(k)), ("follower", range(k, 2 * k))):
+        lost = dup = reordered = foreign = undelivered = bad_readers = 0
+        worst = None
+        for i in rng:
+            q = seqs[i]
+            if q == posted:
+                continue
+            bad_readers += 1
+            s = set(q)
+            d = len(q) - len(s)
+            dup += d
+            foreign += len(s - set(index))
+            r = sum(1 for a, b in zip(q, q[1:]) if b <= a)
+            reordered += r
+            reach = max([index[m] for m in s if m in index] or [-1])
+            missing = [j for j in range(len(posted)) if posted[j] not in s]
+            lost += sum(1 for j in missing if j < reach)
+            undelivered += sum(1 for j in missing if j > reach)
+            if (d or r) and (worst is None or d + r > worst[1] + worst[2]):
+                worst = (i, d, r, len(q), len(s))
+        out[kind] = {"lost": lost, "duplicated": dup, "reordered": reordered, "foreign": foreign,
+                     "undelivered_at_end": undelivered, "not_exact": bad_readers}
+        if worst:
+            out[kind]["worst"] = "%s %d: %d events, %d distinct ids, %d duplicates, %d reorderings" % (
+                kind, worst[0], worst[3], worst[4], worst[1], worst[2])
+            log("adversarial order: worst %s" % out[kind]["worst"])
+    res["streams"] = out["stream"]
+    res["followers"] = out["follower"]
+    res["posted"] = len(posted)
+    res["burst_max_ms"] = ms(st.burst_max) if posted else None
+    res["drained"] = bool(drained)
+    res["stream_cuts"] = st.cuts
+    res["stream_reconnects"] = st.reconnects
+    res["resets"] = sum(c.resets for c in opened)
+    res["junk_blocks"] = sum(c.junk for c in opened)
+    res["follower_connections_dropped"] = st.dropped
+    res["duplicates"] = out["stream"]["duplicated"] + out["follower"]["duplicated"]
+    res["reorders"] = out["stream"]["reordered"] + out["follower"]["reordered"]
+    res["lost"] = out["stream"]["lost"] + out["follower"]["lost"]
+    res["ordering_errors"] = res["duplicates"] + res["reorders"] + res["lost"] + \
+        out["stream"]["foreign"] + out["follower"]["foreign"]
+    errors += st.bad + st.burst_bad + st.others_bad + res["resets"] + res["junk_blocks"] + (0 if drained else 1)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------
 # shards: the README's sharding nginx configuration (TLS), one shard against two
 
 
@@ -2764,6 +3216,37 @@ def targets_for(r, results):
     elif sc == "order":
         row("lost/dup/reordered", "%s/%s/%s" % (r.get("lost"), r.get("duplicated"), r.get("reordered")),
             "", "0/0/0", r.get("ordering_errors") == 0 and not r.get("errors"))
+    elif sc == "adversarial":
+        if r.get("aborted"):
+            rows.append(("aborted", r["aborted"], "", "MISS"))
+        row("RSS before the burst", r.get("rss_before_mib"), " MiB")
+        peak = r.get("rss_peak_mib")
+        row("RSS peak (VmHWM)", peak, " MiB", "<= %.0f MiB (README)" % README_RSS_BOUND_MIB,
+            peak is not None and peak <= README_RSS_BOUND_MIB and not r.get("aborted"))
+        row("RSS at the end", r.get("rss_end_mib"), " MiB")
+        row("server CPU", r.get("server_cpu_s"), " s")
+        if r.get("part") == "order":
+            for kind in ("streams", "followers"):
+                x = r.get(kind) or {}
+                row("%s: lost/dup/reordered" % kind, "%s/%s/%s" % (x.get("lost"), x.get("duplicated"),
+                                                                   x.get("reordered")),
+                    "", "0/0/0", x and not (x.get("lost") or x.get("duplicated") or x.get("reordered")
+                                            or x.get("foreign")))
+                if x.get("worst"):
+                    row("%s: worst" % kind, x["worst"])
+            row("streams cut by the server / reconnects",
+                "%s / %s" % (r.get("stream_cuts"), r.get("stream_reconnects")))
+            row("every reader has the last id", r.get("drained"), "", "True", r.get("drained") is True)
+        else:
+            row("parked", r.get("parked"), "", str(r["clients"]), r.get("parked") == r["clients"])
+            wake = r.get("other_room_wake_ms")
+            row("other room's poll woken", wake if wake is not None else r.get("other_room_wake") or
+                r.get("other_room_answer"), " ms" if wake is not None else "", "<= %.0f ms" % ADV_WAKE_TARGET_MS,
+                wake is not None and wake <= ADV_WAKE_TARGET_MS)
+            row("other room's POST answered", r.get("other_post_ms"), " ms")
+            row("burst POSTs answered (last)", "%s (%s ms)" % (r.get("burst_answered"), num(r.get("burst_max_ms"))))
+            if r.get("part") == "streams":
+                row("streams cut (/stats)", r.get("streams_cut"))
     if r.get("ended_by_server"):
         rows.append(("streams ended by the server", str(r["ended_by_server"]), "0", "FAIL"))
     if r.get("dropped_by_server") or r.get("connections_dropped"):
@@ -2792,6 +3275,9 @@ def size_label(r):
         return "%d streams, %g/s x %gs" % (r["streams"], r.get("rate", 0), r.get("seconds", 0))
     if sc == "order":
         return "%dx%d, %d msgs" % (r["posters"], r["followers"], r["messages"])
+    if sc == "adversarial":
+        what = {"polls": "%d polls", "streams": "%d streams", "order": "order, %dx2 readers"}.get(r.get("part"), "%d")
+        return (what % r.get("clients", 0)) + ", run %d" % r.get("run", 1)
     if sc == "shards" and r.get("shards"):
         return "%d shard%s, %d clients, %d rooms, TLS" % (r["shards"], "" if r["shards"] == 1 else "s",
                                                          r.get("clients", 0), r.get("rooms", 0))
@@ -2866,7 +3352,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__[__doc__.index("Scenarios\n"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smallest sizes of every scenario, in about 15 s (a unit test runs it)")
-    p.add_argument("--only", default=",".join(SCENARIOS), help="comma list of %s" % ",".join(SCENARIOS))
+    p.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
+                   help="comma list of %s (default all but adversarial)" % ",".join(SCENARIOS))
     p.add_argument("--server", default=os.path.join(here, "..", "chat_server.py"),
                    help="path of chat_server.py (default: ../chat_server.py beside this file)")
     p.add_argument("--wake-sizes", type=parse_ints, help="waiters per wake run (default 1,100,1000; quick 1,20)")
@@ -2897,6 +3384,19 @@ def main(argv=None):
     p.add_argument("--shard-waiters", type=int, help="shards: long polls in the fan-out through nginx (default 1000; quick 40)")
     p.add_argument("--shard-nginx-workers", type=int, default=1,
                    help="shards: nginx worker_processes (default 1, as the tests' private nginx)")
+    p.add_argument("--adversarial-polls", type=int, help="adversarial (a): non-reading polls (default 3000; quick 100)")
+    p.add_argument("--adversarial-streams", type=int,
+                   help="adversarial (b): non-reading streams (default 1500; quick 50)")
+    p.add_argument("--adversarial-readers", type=int,
+                   help="adversarial (c): reading streams, and as many followers (default 200; quick 10)")
+    p.add_argument("--adversarial-bursts", type=int, help="adversarial (c): bursts of 64 posts (default 3; quick 2)")
+    p.add_argument("--adversarial-hold", type=float,
+                   help="adversarial (a), (b): seconds watched after the burst (default 30, past the server's "
+                        "30 s --idle-timeout for answers not read; quick 1)")
+    p.add_argument("--adversarial-runs", type=int, default=1, help="adversarial: runs of each part (default 1)")
+    p.add_argument("--adversarial-parts", default="polls,streams,order", help="adversarial: which parts")
+    p.add_argument("--adversarial-db", default="memory", choices=("memory", "file"),
+                   help="adversarial: the server's database (default memory)")
     p.add_argument("--batch", type=int, default=PARK_BATCH, help="connections per parking batch")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     a = p.parse_args(argv)
@@ -2929,9 +3429,19 @@ def main(argv=None):
     ctx.shard_seconds = a.shard_seconds or (0.3 if q else 3.0)
     ctx.shard_waiters = max(1, a.shard_waiters or (40 if q else 1000))
     ctx.shard_nginx_workers = max(1, a.shard_nginx_workers)
+    ctx.adv_polls = max(1, a.adversarial_polls or (100 if q else 3000))
+    ctx.adv_streams = max(1, a.adversarial_streams or (50 if q else 1500))
+    ctx.adv_readers = max(1, a.adversarial_readers or (10 if q else 200))
+    ctx.adv_bursts = max(1, a.adversarial_bursts or (2 if q else 3))
+    ctx.adv_hold = a.adversarial_hold if a.adversarial_hold is not None else (1.0 if q else 30.0)
+    ctx.adv_runs = max(1, a.adversarial_runs)
+    ctx.adv_parts = [x for x in a.adversarial_parts.split(",") if x in ("polls", "streams", "order")]
+    ctx.adv_db = a.adversarial_db
+    ctx.adv_order_bound = 20.0 if q else 60.0
     biggest = max(ctx.fanout_sizes + ctx.wake_sizes + ctx.stream_sizes +
                   [ctx.idle_waiters, ctx.post_fanout, ctx.stream_rate_streams,
-                   2 * ctx.shard_waiters if "shards" in a.only else 0])
+                   2 * ctx.shard_waiters if "shards" in a.only else 0,
+                   max(ctx.adv_polls, ctx.adv_streams, 4 * ctx.adv_readers) + 100 if "adversarial" in a.only else 0])
     ctx.max_waiters = max(12000, biggest + 1000)
     ctx.max_connections = max(13000, biggest + 2000)
     ctx.park_timeout = 30.0 if q else 120.0
@@ -3028,6 +3538,17 @@ def main(argv=None):
                         {"scenario": "shards", "shards": k, "clients": ctx.shard_clients,
                          "seconds": ctx.shard_seconds, "rooms": len(SHARD_ROOMS), "waiters": ctx.shard_waiters},
                         scenario_shards, ctx, k, block, commands)
+            elif sc == "adversarial":
+                sizes = {"polls": ctx.adv_polls, "streams": ctx.adv_streams, "order": ctx.adv_readers}
+                what = {"polls": "%d non-reading polls on distinct (after, limit), a burst of 64 x 10,000 '\"'",
+                        "streams": "%d non-reading streams on distinct cursors, a burst of 64 x 10,000 '\"'",
+                        "order": "%%d reading streams and followers, %d bursts" % ctx.adv_bursts}
+                for run_no in range(1, ctx.adv_runs + 1):
+                    for part in ctx.adv_parts:
+                        n = sizes[part]
+                        run("adversarial %s, run %d/%d: %s" % (part, run_no, ctx.adv_runs, what[part] % n),
+                            {"scenario": "adversarial", "part": part, "clients": n, "run": run_no},
+                            scenario_adversarial, ctx, part, n, run_no)
         elapsed = now() - t_all
 
     print()
