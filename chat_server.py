@@ -133,8 +133,12 @@ HISTORY_PER_ROOM = 1000
 #: MiB of messages held in memory across all rooms; past it the oldest leave memory
 #: (they stay in the database; without one they are gone, and cursors before them get 410).
 MEMORY_MIB = 256
-#: Rooms with messages at once; a post that would open one more gets 503.
+#: Rooms held at once (with a database: rooms in memory; the others stay on disk).  A post
+#: that would open one more takes the place of the room quiet for longest, if that room has
+#: had no post for ROOM_QUIET_S; otherwise it gets 503.  So a burst of posts to new rooms
+#: cannot lock the server's rooms for longer than that.
 MAX_ROOMS = 100
+ROOM_QUIET_S = 600.0
 #: Parked polls and open event streams at once; past it, 503 with Retry-After.
 MAX_WAITERS = 12000
 #: Open connections at once; also capped by the open-files limit less FD_RESERVE.
@@ -479,10 +483,11 @@ def within_answer(messages, newest=False):
 class Room:
     """The recent messages of one room, oldest first, and what fell out of memory."""
 
-    __slots__ = ("name", "ids", "messages", "evicted", "gone", "dropped")
+    __slots__ = ("name", "ids", "messages", "evicted", "gone", "dropped", "active")
 
     def __init__(self, name, messages=(), gone=None, evicted=None):
         self.name = name
+        self.active = time.monotonic()  # its last post (or when it was loaded)
         self.ids = [m.id for m in messages]
         self.messages = list(messages)
         self.evicted = evicted  # newest id no longer in memory (None: memory holds all there is)
@@ -497,17 +502,19 @@ class MessageStore:
     database, a message is visible (and a post answered) only once it is committed;
     concurrent posts share one commit.  Readers never touch the disk for recent
     messages, so waking a waiter never waits on it.  A room exists while it has
-    messages, in memory or in the database; only rooms that exist count against
-    `max_rooms`.
+    messages, in memory or in the database; the rooms held in memory count against
+    `max_rooms` (at the limit, one quiet for `room_quiet` seconds gives its place up).
     """
 
     def __init__(self, history=HISTORY_PER_ROOM, max_rooms=MAX_ROOMS, database=None,
-                 memory_bytes=MEMORY_MIB * 1024 * 1024):
+                 memory_bytes=MEMORY_MIB * 1024 * 1024, room_quiet=ROOM_QUIET_S):
         self.history, self.max_rooms, self.database = history, max_rooms, database
-        self.memory_bytes = memory_bytes
+        self.memory_bytes, self.room_quiet = memory_bytes, room_quiet
         self._lock = threading.Lock()       # rooms, ids, counters, the commit queue
-        self._rooms = {}
-        self._room_count = database.count_rooms() if database else 0
+        self._upkeep = threading.Lock()     # held while pruning or checkpointing
+        self._closing = False
+        self._rooms = {}        # name -> Room, the one with the oldest post first
+        self._room_count = 0    # rooms in _rooms
         self._opening = {}      # room -> posts queued that would open it
         self._pending = []      # messages waiting for the group commit
         self._committing = False
@@ -534,7 +541,7 @@ class MessageStore:
             created_at = self._created_at(time.time())
             opens = room_name not in self._rooms
             if opens and room_name not in self._opening and \
-                    self._room_count + len(self._opening) >= self.max_rooms:
+                    self._room_count + len(self._opening) >= self.max_rooms and not self._retire_quietest_room():
                 raise RoomLimitReached(self.max_rooms)
             message = Message(self._clock.next_id(), room_name, created_at, author, body, tag)
             if self.database is None:
@@ -615,6 +622,10 @@ class MessageStore:
                 self._room_count += 1
             if room.ids and room.ids[-1] >= message.id:
                 continue        # already loaded from the database
+            if room not in touched:
+                del self._rooms[room.name]      # to the end: the rooms stay in order of their last post
+                self._rooms[room.name] = room
+                room.active = time.monotonic()
             room.ids.append(message.id)
             room.messages.append(message)
             self.bytes += message.size
@@ -642,6 +653,22 @@ class MessageStore:
             del self._rooms[room.name]
             self._room_count -= 1
             self._forgotten = max(self._forgotten or room.gone, room.gone)
+
+    def _retire_quietest_room(self):
+        # Called with self._lock held, at max_rooms: the room quiet for longest leaves
+        # memory if it has been quiet for room_quiet seconds.  With a database it stays
+        # on disk (and comes back when used); without one its messages are gone, as
+        # when the byte budget evicts them, and cursors into it get 410.
+        room = next(iter(self._rooms.values()), None)
+        if room is None or time.monotonic() - room.active < self.room_quiet:
+            return False
+        if self.database is None:
+            self._evict(room, len(room.ids))
+        else:
+            self.bytes -= sum(m.size for m in room.messages)
+            del self._rooms[room.name]
+            self._room_count -= 1
+        return True
 
     def _shrink_to_budget(self):
         # Called with self._lock held: evict the oldest messages of all rooms until the
@@ -674,7 +701,10 @@ class MessageStore:
         with self._lock:
             if name in self._rooms:
                 return
+            if self._room_count >= self.max_rooms:
+                self._retire_quietest_room()    # else over the limit for a while: it exists already
             self._rooms[name] = Room(name, messages, gone=floor, evicted=evicted or floor)
+            self._room_count += 1
             self.bytes += sum(m.size for m in messages)
             if self.bytes > self.memory_bytes:
                 self._shrink_to_budget()
@@ -757,12 +787,15 @@ class MessageStore:
         if self.database is None or not (retain_count or retain_days):
             return
         cutoff = first_id_at(time.time() - retain_days * 86400) if retain_days else None
-        emptied = self.database.prune(retain_count, cutoff, self._drop_to_floor)
+        with self._upkeep:
+            if self._closing:
+                return
+            emptied = self.database.prune(retain_count, cutoff, self._drop_to_floor, lambda: self._closing)
         with self._lock:
             for name, empty in emptied.items():
                 room = self._rooms.get(name)
-                if empty and (room is None or not room.ids):
-                    self._rooms.pop(name, None)
+                if empty and room is not None and not room.ids:
+                    del self._rooms[name]
                     self._room_count -= 1
 
     def _drop_to_floor(self, name, floor):
@@ -782,11 +815,16 @@ class MessageStore:
 
     def checkpoint(self):
         if self.database is not None:
-            self.database.checkpoint()
+            with self._upkeep:
+                if not self._closing:
+                    self.database.checkpoint()
 
     def close(self):
+        """Close the database, once a prune running meanwhile has stopped (after its batch)."""
+        self._closing = True
         if self.database is not None:
-            self.database.close()
+            with self._upkeep:
+                self.database.close()
 
 
 class Database:
@@ -841,9 +879,12 @@ class Database:
             self._conn.close()
             raise
 
-    def _connect(self, read_only=False):
+    def _connect(self, read_only=False, immutable=False):
         """A connection that has read the file's schema version (sqlite3.Error if it cannot)."""
-        path = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(self.path)) if read_only else self.path
+        path = self.path
+        if read_only:
+            path = "file:%s?mode=ro%s" % (urllib.parse.quote(os.path.abspath(self.path)),
+                                          "&immutable=1" if immutable else "")
         try:
             self._conn = sqlite3.connect(path, uri=read_only, timeout=0, isolation_level=None,
                                          check_same_thread=False)
@@ -867,8 +908,17 @@ class Database:
             if "locked" in str(exc) or not os.path.isfile(self.path):
                 raise
             self._conn.close()
-            version = self._connect(read_only=True)
             self.unwritable = "the file is read-only (%s)" % exc
+            try:
+                version = self._connect(read_only=True)
+            except sqlite3.OperationalError:
+                # A read-only mount: SQLite cannot make the WAL's index beside the file, and
+                # nothing can change the file there, so it is read as immutable.  A WAL left
+                # by a crash is not read then: say so.
+                self._conn.close()
+                version = self._connect(read_only=True, immutable=True)
+                if os.path.exists(self.path + "-wal") and os.path.getsize(self.path + "-wal"):
+                    self.unwritable += "; its -wal file, left by a server that did not stop cleanly, cannot be read"
         conn = self._conn
         if version > self.SCHEMA_VERSION:
             raise StorageError("made by a newer chat_server (schema %d; this one knows %d)"
@@ -944,9 +994,6 @@ class Database:
         ids = [row[0] for row in rows if row[0]]
         return max(ids) if ids else None
 
-    def count_rooms(self):
-        return self._query("SELECT count(*) FROM (SELECT DISTINCT room FROM messages)")[0][0]
-
     #: Rows at or below a room's floor are being pruned (or were, when a kill cut the prune
     #: short): no reader may see them, whatever instant it reads at.
     KEPT = "room = ? AND id > coalesce((SELECT floor FROM rooms WHERE name = messages.room), '')"
@@ -978,15 +1025,18 @@ class Database:
                            % (self._columns, self.KEPT), (room, upto or "", limit))
         return [Message(*row) for row in reversed(rows)]
 
-    def prune(self, retain_count, cutoff, on_floor):
+    def prune(self, retain_count, cutoff, on_floor, stopping):
         """Apply the retention rules; return {room: True if the room is now empty}.
 
         A room's new floor is committed first, so a cursor before it is refused and the
         rows below it are invisible from then on (see KEPT); `on_floor(room, floor)` is
-        called then, and the rows go in batches of PRUNE_BATCH_ROWS.
+        called then, and the rows go in batches of PRUNE_BATCH_ROWS, until `stopping()`
+        (what is left below a floor goes at the next prune).
         """
         results = {}
         for (name,) in self._query("SELECT name FROM rooms"):
+            if stopping():
+                break
             cut = None
             if retain_count:
                 rows = self._query("SELECT id FROM messages WHERE room = ? ORDER BY id DESC "
@@ -1001,7 +1051,7 @@ class Database:
                 on_floor(name, cut)
                 while self._write("DELETE FROM messages WHERE room = ? AND id IN (SELECT id FROM messages "
                                   "WHERE room = ? AND id <= ? ORDER BY id LIMIT ?)",
-                                  (name, name, cut, PRUNE_BATCH_ROWS)) == PRUNE_BATCH_ROWS:
+                                  (name, name, cut, PRUNE_BATCH_ROWS)) == PRUNE_BATCH_ROWS and not stopping():
                     # A lock is not fair: taken again at once, it would keep a waiting
                     # poster out until the whole prune is over.
                     time.sleep(PRUNE_PAUSE_S)
@@ -1391,8 +1441,6 @@ class Housekeeper(threading.Thread):
             store.prune(config.retain_count, config.retain_days)
             store.checkpoint()
         except StorageError as exc:
-            if self.server.closing:
-                return      # the database was closed under it
             if not self._storage_failing:   # once, not every 30 s
                 self.server.log("database upkeep failed (will retry): %s" % exc)
             self._storage_failing = True
@@ -3329,6 +3377,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
 }
 .cont .text { border-top-style: solid; border-radius: 12px; padding-top: .4rem; }
 .text a { color: var(--link); }
+.text a .host { font-weight: 600; }
 .author { font-weight: 600; color: var(--fg); overflow-wrap: anywhere; }
 .anon { font-style: italic; font-weight: 400; color: var(--muted); }
 .c0 { color: var(--c0); } .c1 { color: var(--c1); } .c2 { color: var(--c2); } .c3 { color: var(--c3); }
@@ -3530,29 +3579,56 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
 
   // Append `text` to `parent`, with each http(s) URL as a link. Only those two schemes are
   // matched, so javascript:, data: and the rest stay text. Punctuation that usually ends a
-  // sentence is left out of the link, and so is a ")" that does not close a "(" in it.
+  // sentence is left out of the link, and so is a ")" that does not close a "(" in it
+  // (counted once per link: a check per character made 10,000 ")" cost seconds).
+  // A link shows the host the browser will visit when its text does not start with it
+  // (evil.example for a text of "evil.example", a backslash, "@bank.example/" after the
+  // scheme; an IDN's xn-- form likewise),
+  // and its text loses text-direction controls, which could reorder what it seems to say.
   const URL_START = /https?:[/][/]/gi;
   const TRAILING = `.,;:!?'")]}`;
-  const unbalanced = (s) => s.split(')').length > s.split('(').length;
+  const BIDI_CONTROLS = [0x061C, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0x2066, 0x2067, 0x2068, 0x2069];
+  const withoutBidiControls = (s) => Array.from(s).filter((c) => !BIDI_CONTROLS.includes(c.codePointAt(0))).join('');
+  function showsHost(shown, url) {
+    const prefix = url.protocol + '//' + url.host;
+    if (shown.slice(0, prefix.length).toLowerCase() !== prefix) return false;
+    const after = shown.charAt(prefix.length);
+    return after === '' || '/?#'.includes(after);
+  }
   function linkify(parent, text) {
     let done = 0, m;
     URL_START.lastIndex = 0;
     while ((m = URL_START.exec(text))) {
       const start = m.index;
       if (start > 0 && /[A-Za-z0-9]/.test(text[start - 1])) continue;
-      let end = start;
-      while (end < text.length && text[end].trim() !== '' && !'<>"'.includes(text[end])) end++;
-      while (end > start && TRAILING.includes(text[end - 1]) &&
-             (text[end - 1] !== ')' || unbalanced(text.slice(start, end)))) end--;
+      let end = start, opens = 0, closes = 0;
+      while (end < text.length && text[end].trim() !== '' && !'<>"'.includes(text[end])) {
+        if (text[end] === '(') opens++;
+        else if (text[end] === ')') closes++;
+        end++;
+      }
+      while (end > start && TRAILING.includes(text[end - 1])) {
+        if (text[end - 1] === ')') {
+          if (closes <= opens) break;
+          closes--;
+        }
+        end--;
+      }
       let url = null;
       try { url = new URL(text.slice(start, end)); } catch (e) { url = null; }
       if (!url || !url.hostname) continue;
       if (start > done) parent.append(text.slice(done, start));
-      const a = el('a');
+      const a = el('a'), shown = withoutBidiControls(text.slice(start, end));
       a.href = url.href;
-      a.textContent = text.slice(start, end);
+      a.dir = 'ltr';
+      a.textContent = shown;
       a.target = '_blank';
       a.rel = 'noopener noreferrer';
+      if (!showsHost(shown, url)) {
+        const host = el('span', 'host');
+        host.textContent = ' (' + url.host + ')';
+        a.append(host);
+      }
       parent.append(a);
       done = end;
       URL_START.lastIndex = end;
