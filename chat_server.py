@@ -15,6 +15,8 @@ How the pieces fit (in the order data flows through this file):
     Configuration        constants with units, the flag ranges, Config
     Messages and cursors IdClock, Message, and what a cursor can mean (CursorGone, ...)
     Message store        MessageStore with its byte budget; Database (SQLite, WAL, import)
+                         and the OwnerLock that lets one server own a file
+    Backup               an online copy of a running server's database
     Waiter registry      parked polls and open event streams, one Event each
     Housekeeper          one thread: hang-ups, heartbeats, pruning, WAL checkpoints
     HTTP server          ChatServer, its thread pool, and the fan-out writer: a post
@@ -69,6 +71,16 @@ try:
     import resource
 except ImportError:  # Windows
     resource = None
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None
 
 try:
     import ctypes
@@ -168,6 +180,13 @@ THREAD_IDLE_S = 60.0
 HOUSEKEEPING_INTERVAL_S = 0.5
 #: How often history is pruned (when --retain-count or --retain-days is set) and the WAL checkpointed.
 UPKEEP_INTERVAL_S = 30.0
+#: How long a write waits for another process's lock on the database (Litestream checkpoints
+#: with short write locks, and asks applications for this: "PRAGMA busy_timeout = 5000").
+BUSY_TIMEOUT_S = 5.0
+#: After a checkpoint the WAL file is cut back to this size when it is next reset.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+#: Pages copied per step by the backup command; between steps the server's posts go on.
+BACKUP_STEP_PAGES = 4096
 #: Rows deleted per transaction when pruning, and the pause between two, so posts are
 #: never held up for long.
 PRUNE_BATCH_ROWS = 500
@@ -830,12 +849,16 @@ class MessageStore:
 class Database:
     """The SQLite file behind a MessageStore: one connection, used under one lock.
 
-    The connection holds the file in EXCLUSIVE locking mode, so a second server on
-    the same file is refused instead of missing the first one's posts.  WAL with
-    synchronous=FULL: a commit is on disk before its posts are answered, so an
+    One server owns a file: it holds an OS lock on the side file PATH.lock for its
+    whole life (see OwnerLock), so a second server on the same file is refused
+    instead of missing the first one's posts, and a crashed server's lock goes with
+    its process.  Other programs may read the file at any time (sqlite3, the backup
+    command, Litestream): WAL with its shared-memory index, a busy timeout for their
+    short locks, and checkpoints that never wait for a reader nor reset the WAL under
+    one.  synchronous=FULL: a commit is on disk before its posts are answered, so an
     answered post survives a crash of the process and of the machine.  If the file
-    cannot be written when the server starts (a full disk, a read-only file), it is
-    still read: `unwritable` says why, and posts fail until a write succeeds.
+    cannot be written when the server starts (a full disk, a read-only file or mount),
+    it is still read: `unwritable` says why, and posts fail until a write succeeds.
     """
 
     SCHEMA_VERSION = 2
@@ -867,32 +890,42 @@ class Database:
         self.path = path
         self.unwritable = None
         self._lock = threading.Lock()
+        self._conn = None
+        self._owner = OwnerLock(path)
         try:
+            self._owner.acquire()
             self._open()
         except sqlite3.Error as exc:
-            self._conn.close()
+            self._abandon()
             if "locked" in str(exc):
                 raise StorageError("the file is in use by another process "
                                    "(another chat_server?)") from None
             raise StorageError(str(exc)) from None
-        except StorageError:
-            self._conn.close()
+        except BaseException:
+            self._abandon()
             raise
 
-    def _connect(self, read_only=False, immutable=False):
+    def _abandon(self):
+        if self._conn is not None:
+            self._conn.close()
+        self._owner.release()
+
+    def _connect(self, read_only=False, immutable=False, exclusive=False):
         """A connection that has read the file's schema version (sqlite3.Error if it cannot)."""
+        if self._conn is not None:
+            self._conn.close()
         path = self.path
         if read_only:
             path = "file:%s?mode=ro%s" % (urllib.parse.quote(os.path.abspath(self.path)),
                                           "&immutable=1" if immutable else "")
         try:
-            self._conn = sqlite3.connect(path, uri=read_only, timeout=0, isolation_level=None,
+            self._conn = sqlite3.connect(path, uri=read_only, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                          check_same_thread=False)
         except sqlite3.Error as exc:
             raise StorageError(str(exc)) from None
-        if not read_only:
-            # Exclusive from the first read on: the WAL index then lives in this process's
-            # memory, so a full disk, where no -shm file can be made, can still be read.
+        if exclusive:
+            # The WAL index then lives in this process's memory (a full disk, where no -shm
+            # file can be made, can still be read), and SQLite's own lock keeps others out.
             self._conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         # Read before anything writes, so a file that is not a database is left untouched.
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -901,24 +934,23 @@ class Database:
 
     def _open(self):
         try:
-            version = self._connect()
+            # Without an owner lock (no side file could be made) SQLite's exclusive lock
+            # is what keeps a second server out.
+            version = self._connect(exclusive=not self._owner.held)
         except sqlite3.OperationalError as exc:
-            # A file that cannot be opened for writing (read-only, immutable) cannot be
-            # locked exclusively in WAL mode; read it as readers do.
             if "locked" in str(exc) or not os.path.isfile(self.path):
                 raise
-            self._conn.close()
-            self.unwritable = "the file is read-only (%s)" % exc
             try:
-                version = self._connect(read_only=True)
-            except sqlite3.OperationalError:
-                # A read-only mount: SQLite cannot make the WAL's index beside the file, and
-                # nothing can change the file there, so it is read as immutable.  A WAL left
-                # by a crash is not read then: say so.
-                self._conn.close()
-                version = self._connect(read_only=True, immutable=True)
-                if os.path.exists(self.path + "-wal") and os.path.getsize(self.path + "-wal"):
-                    self.unwritable += "; its -wal file, left by a server that did not stop cleanly, cannot be read"
+                version = self._connect(exclusive=True)     # no room for the -shm file
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc):
+                    raise
+                read_only_error = exc
+            else:
+                read_only_error = None
+            if read_only_error is not None:
+                self._open_read_only(read_only_error)
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         conn = self._conn
         if version > self.SCHEMA_VERSION:
             raise StorageError("made by a newer chat_server (schema %d; this one knows %d)"
@@ -950,7 +982,22 @@ class Database:
         else:
             self.version = self.SCHEMA_VERSION
         conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA journal_size_limit=%d" % WAL_SIZE_LIMIT_BYTES)
         self._set_columns()
+
+    def _open_read_only(self, error):
+        # A file that cannot be opened for writing (read-only, immutable): read it as
+        # readers do.
+        self.unwritable = "the file is read-only (%s)" % error
+        try:
+            self._connect(read_only=True)
+        except sqlite3.OperationalError:
+            # A read-only mount: SQLite cannot make the WAL's index beside the file, and
+            # nothing can change the file there, so it is read as immutable.  A WAL left
+            # by a crash is not read then: say so.
+            self._connect(read_only=True, immutable=True)
+            if os.path.exists(self.path + "-wal") and os.path.getsize(self.path + "-wal"):
+                self.unwritable += "; its -wal file, left by a server that did not stop cleanly, cannot be read"
 
     def _set_columns(self):
         # Read the client column only where the file has one (a version-1 file that
@@ -1071,10 +1118,16 @@ class Database:
         return changed
 
     def checkpoint(self):
-        """Copy the WAL into the database file and empty it, so the WAL never holds the history."""
+        """Copy the WAL into the database file, so the WAL never holds the history.
+
+        PASSIVE: it never waits for a reader and never resets the WAL under one (a backup
+        or Litestream holds a read transaction for as long as it copies); the WAL is
+        reused from its start once every reader has moved on, and cut back to
+        WAL_SIZE_LIMIT_BYTES then.
+        """
         with self._lock:
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:
                 raise StorageError("checkpoint failed: %s" % exc) from None
 
@@ -1103,10 +1156,11 @@ class Database:
         with self._lock:
             if self.unwritable is None:
                 try:
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error:
                     pass    # closing checkpoints again, as far as it can
             self._conn.close()
+            self._owner.release()
 
 
 def read_room_from(path, room):
@@ -1119,14 +1173,19 @@ def read_room_from(path, room):
         raise StorageError("this Python was built without the sqlite3 module")
     if not os.path.isfile(path):
         raise StorageError("%s does not exist" % path)
+    owner = OwnerLock(path)
     try:
-        conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+        # Held while we read, so that a server starting meanwhile is refused instead of
+        # changing the room under us.
+        owner.acquire()
+    except StorageError:
+        raise StorageError("%s is in use by a running server; stop it first" % path) from None
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     except sqlite3.Error as exc:
+        owner.release()
         raise StorageError("%s: %s" % (path, exc)) from None
     try:
-        # Only read; exclusive so that a server holding the file is noticed, and so that a
-        # server starting meanwhile waits for us instead of changing the room under us.
-        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if not 1 <= version <= Database.SCHEMA_VERSION:
             raise StorageError("%s is not a chat_server database (schema %d)" % (path, version))
@@ -1139,7 +1198,137 @@ def read_room_from(path, room):
         raise StorageError("%s: %s" % (path, exc)) from None
     finally:
         conn.close()
+        owner.release()
     return rows, (floor[0][0] if floor else None)
+
+
+class OwnerLock:
+    """An OS lock on PATH.lock, held by the one server that owns the database at PATH.
+
+    fcntl.flock on POSIX, msvcrt.locking on Windows: the lock is the kernel's, so it
+    goes with the process however that ends, and a stale PATH.lock left on disk means
+    nothing.  Where the side file cannot be made (a read-only directory, a full disk),
+    `held` stays False and the caller relies on SQLite's own locks instead.
+    """
+
+    def __init__(self, database_path):
+        self.path = database_path + ".lock"
+        self._file = None
+
+    @property
+    def held(self):
+        return self._file is not None
+
+    def acquire(self):
+        """Take the lock; StorageError if another process holds it."""
+        try:
+            lock_file = open(self.path, "a+b")
+        except OSError:
+            return      # cannot be made here: nothing to hold
+        try:
+            if fcntl is not None:
+                # flock, not lockf: a POSIX record lock is the process's, so a second
+                # Database on the file in the same process would get it too, and closing
+                # any descriptor of the file would let go of it.
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            elif msvcrt is not None:
+                lock_file.seek(0)
+                msvcrt.locking(lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            lock_file.close()
+            raise StorageError("the file is in use by another process (another chat_server?)") from None
+        self._file = lock_file
+
+    def release(self):
+        if self._file is not None:
+            self._file.close()      # closing the file lets go of the lock
+            self._file = None
+
+
+# ---------------------------------------------------------------------------
+# Backup
+# ---------------------------------------------------------------------------
+
+def backup_database(source, target):
+    """Copy the chat database at `source` to `target`, while a server may be posting to it;
+    return what the copy holds: {"messages", "rooms", "newest", "bytes"}.
+
+    sqlite3's backup API copies every page in one step, inside one read transaction:
+    the copy is the database as it was at one instant, and the server's posts go on
+    meanwhile (WAL: a reader never blocks a writer).  It is written to TARGET.partial
+    and renamed only once complete and checked, so nothing half-made is ever found
+    under `target`.  StorageError, with nothing left under either name, if it fails.
+    """
+    if sqlite3 is None:
+        raise StorageError("this Python was built without the sqlite3 module")
+    if not os.path.isfile(source):
+        raise StorageError("%s does not exist" % source)
+    if os.path.abspath(target) == os.path.abspath(source):
+        raise StorageError("the backup must go to another file than %s" % source)
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise StorageError("directory %s does not exist" % directory)
+    partial = target + ".partial"
+    try:
+        src = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(source)), uri=True,
+                              timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StorageError("%s: %s" % (source, exc)) from None
+    try:
+        try:
+            version = src.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in src.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise StorageError("%s is not a chat_server database (%s)" % (source, exc)) from None
+        if not 1 <= version <= Database.SCHEMA_VERSION or not {"messages", "rooms"} <= tables:
+            raise StorageError("%s is not a chat_server database this version knows (schema %d)" % (source, version))
+        _remove_quietly(partial)
+        try:
+            dst = sqlite3.connect(partial, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError("%s: %s" % (partial, exc)) from None
+        try:
+            src.backup(dst)
+            if dst.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise StorageError("the copy in %s failed its check" % partial)
+            summary = {"messages": dst.execute("SELECT count(*) FROM messages").fetchone()[0],
+                       "rooms": dst.execute("SELECT count(*) FROM rooms").fetchone()[0],
+                       "newest": dst.execute("SELECT max(id) FROM messages").fetchone()[0]}
+        except sqlite3.Error as exc:
+            raise StorageError("cannot write %s: %s" % (partial, exc)) from None
+        finally:
+            dst.close()
+        _fsync_path(partial)
+        os.replace(partial, target)
+        _fsync_path(directory)      # the rename itself, where the platform allows
+        summary["bytes"] = os.path.getsize(target)
+        return summary
+    except BaseException:
+        _remove_quietly(partial)
+        raise
+    finally:
+        src.close()
+
+
+def _fsync_path(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return      # a directory cannot be opened on Windows: nothing to flush there
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass        # some file systems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path):
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
 
 
 # ---------------------------------------------------------------------------
@@ -1213,13 +1402,17 @@ class Waiter:
         self.last_write = time.monotonic()
 
     def send_nowait(self, data):
-        """Write as much of `data` as the socket takes now; the rest is left in `unsent`."""
+        """Write as much of `data` as the socket takes now; the rest is left in `unsent`.
+
+        The rest is a copy: a view would keep all of `data` alive, which is more than
+        the rest that the unsent budget counts.
+        """
         try:
             sent = write_nowait(self.view_args, data)
         except OSError:
             self.outcome = HUNG_UP
             return
-        self.unsent = memoryview(data)[sent:] if sent < len(data) else b""
+        self.unsent = data[sent:] if sent < len(data) else b""
 
     def send_all_nowait(self, data):
         """Write all of `data` now: None if it went, else why not (SLOW: the socket did not take
@@ -4196,7 +4389,10 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run the server until Ctrl-C or SIGTERM (or run --import-room); return the exit status."""
+    """Run the server until Ctrl-C or SIGTERM (or a command: see COMMANDS); return the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.import_room is not None or args.from_db is not None:
@@ -4284,6 +4480,30 @@ def import_room(parser, args):
     print("chat_server: imported room %r from %s into %s: %d messages%s, with their ids"
           % (args.import_room, args.from_db, args.db, count, " (%s to %s)" % (first, last) if count else ""))
     return 0
+
+
+def backup_command(argv):
+    """python3 chat_server.py backup [--db PATH] OUT: an online backup of a server's database."""
+    parser = _Parser(prog="chat_server.py backup",
+                     description="Copy the database to OUT while the server runs (written to OUT.partial, "
+                                 "then renamed). Restore: stop the server, put OUT in the database's place "
+                                 "(or start the server with --db OUT).")
+    parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
+                        help="the server's database file (default: %(default)s)")
+    parser.add_argument("out", metavar="OUT", help="the file to write the backup to")
+    args = parser.parse_args(argv)
+    try:
+        summary = backup_database(args.db, args.out)
+    except (StorageError, OSError) as exc:
+        print("chat_server: cannot back up %s to %s: %s" % (args.db, args.out, exc), file=sys.stderr)
+        return 1
+    print("chat_server: backed up %s to %s: %d messages in %d rooms, newest %s, %d bytes"
+          % (args.db, args.out, summary["messages"], summary["rooms"], summary["newest"], summary["bytes"]))
+    return 0
+
+
+#: Commands given as the first argument, each a function of the remaining arguments.
+COMMANDS = {"backup": backup_command}
 
 
 if __name__ == "__main__":
