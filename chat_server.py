@@ -267,6 +267,10 @@ class Config:
     burst = 0                 # posts allowed at once before --rate applies; 0: max(1, 2 x rate)
     trust_proxy = False       # take the client address from X-Forwarded-For
     token = None              # bearer token required on the API
+    jwt_secret = None         # bytes: signed tokens (JWT, HS256) name their users
+    user_header = None        # a trusted proxy's header naming the user (X-Remote-User)
+    proxy_addresses = ("127.0.0.0/8", "::1")    # where that proxy connects from
+    anonymous_rooms = ()      # with identity: the rooms anonymous clients may use (patterns)
     cors_origin = None        # origin allowed to call the API from a browser
     allow_hosts = ()          # extra names accepted in Host (see AccessPolicy); "*" for any
 
@@ -284,6 +288,17 @@ class Config:
             self.cors_origin = check_origin_option(self.cors_origin)
         if self.token is not None:
             self.token = check_token(self.token)
+        if self.jwt_secret is not None:
+            self.jwt_secret = check_jwt_secret(bytes(self.jwt_secret))
+        if self.user_header is not None:
+            self.user_header = check_header_name(self.user_header)
+        self.proxy_addresses = tuple(check_network(value) for value in self.proxy_addresses)
+        self.anonymous_rooms = check_room_patterns(list(self.anonymous_rooms), "an --anonymous-rooms pattern")
+
+    @property
+    def identity(self):
+        """True if posts name verified users: signed tokens or a trusted proxy's header."""
+        return self.jwt_secret is not None or self.user_header is not None
 
     @property
     def memory_bytes(self):
@@ -351,6 +366,22 @@ def check_origin_option(value):
     if port is None or port == DEFAULT_PORTS[parts.scheme]:
         return "%s://%s" % (parts.scheme, name)
     return "%s://%s:%d" % (parts.scheme, name, port)
+
+
+def check_network(value):
+    """A --proxy-address value: an IP address or network (CIDR), as an ip_network."""
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        raise ValueError("must be an IP address or a network such as 10.0.0.0/8, got %r" % str(value)[:80]) from None
+
+
+def check_header_name(value):
+    """A --user-header value: a header field name, in lower case."""
+    text = str(value)
+    if not re.match(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}\Z", text) or text.lower() in SINGLE_FIELDS:
+        raise ValueError("must be a header name such as X-Remote-User, got %r" % text[:80])
+    return text.lower()
 
 
 def check_token(value):
@@ -457,12 +488,12 @@ MESSAGE_OVERHEAD_BYTES = 480
 class Message:
     """One chat message and its JSON encoding, made once and shared by every answer."""
 
-    __slots__ = ("id", "room", "created_at", "author", "body", "client", "json", "size",
+    __slots__ = ("id", "room", "created_at", "author", "body", "client", "user", "json", "size",
                  "stored", "error", "lead", "opens_room")
 
-    def __init__(self, id, room, created_at, author, body, client=None):
+    def __init__(self, id, room, created_at, author, body, client=None, user=None):
         self.id, self.room, self.created_at = id, room, created_at
-        self.author, self.body, self.client = author, body, client
+        self.author, self.body, self.client, self.user = author, body, client, user
         self.json = JSON_ENCODER.encode(self.as_dict()).encode()
         self.size = len(self.json) + sys.getsizeof(body) + MESSAGE_OVERHEAD_BYTES + (
             sys.getsizeof(author) if author else 0)
@@ -473,7 +504,7 @@ class Message:
 
     def as_dict(self):
         return {"id": self.id, "room": self.room, "created_at": self.created_at,
-                "author": self.author, "body": self.body, "client": self.client}
+                "author": self.author, "body": self.body, "client": self.client, "user": self.user}
 
 
 def encode_list(messages):
@@ -547,8 +578,9 @@ class MessageStore:
 
     # -- writing --
 
-    def add(self, room_name, body, author=None, client=None):
-        """Store a message and return it once it is visible.
+    def add(self, room_name, body, author=None, client=None, user=None):
+        """Store a message and return it once it is visible (`user`: the verified id of its
+        poster, whose name is `author`; None for an anonymous post).
 
         RoomLimitReached if it would open a room past max_rooms; StorageError if the
         database could not take it (nothing is then stored, and no room is opened).
@@ -562,7 +594,7 @@ class MessageStore:
             if opens and room_name not in self._opening and \
                     self._room_count + len(self._opening) >= self.max_rooms and not self._retire_quietest_room():
                 raise RoomLimitReached(self.max_rooms)
-            message = Message(self._clock.next_id(), room_name, created_at, author, body, tag)
+            message = Message(self._clock.next_id(), room_name, created_at, author, body, tag, user)
             if self.database is None:
                 self._publish([message])
                 return message
@@ -861,7 +893,7 @@ class Database:
     it is still read: `unwritable` says why, and posts fail until a write succeeds.
     """
 
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3
     SCHEMA = """
         CREATE TABLE messages (
             id TEXT PRIMARY KEY,            -- time-ordered UUID: sorting by id is sorting by time
@@ -869,7 +901,8 @@ class Database:
             created_at TEXT NOT NULL,
             author TEXT,
             body TEXT NOT NULL,
-            client TEXT                     -- the poster's client tag (version 2)
+            client TEXT,                    -- the poster's client tag (version 2)
+            user TEXT                       -- the poster's verified user id (version 3)
         ) WITHOUT ROWID;
         CREATE INDEX messages_by_room ON messages (room, id);
         CREATE TABLE rooms (
@@ -877,7 +910,8 @@ class Database:
             floor TEXT                      -- newest id pruned from this room
         ) WITHOUT ROWID;
     """
-    MIGRATIONS = {1: "ALTER TABLE messages ADD COLUMN client TEXT"}
+    MIGRATIONS = {1: "ALTER TABLE messages ADD COLUMN client TEXT",
+                  2: "ALTER TABLE messages ADD COLUMN user TEXT"}
 
     def __init__(self, path):
         if sqlite3 is None:
@@ -1002,7 +1036,7 @@ class Database:
     def _set_columns(self):
         # Read the client column only where the file has one (a version-1 file that
         # could not be migrated is still served).
-        self._columns = "id, room, created_at, author, body, %s" % ("client" if self.version >= 2 else "NULL")
+        self._columns = message_columns(self.version)
 
     def _rollback(self):
         if self._conn.in_transaction:
@@ -1023,12 +1057,12 @@ class Database:
         if self.version < self.SCHEMA_VERSION:
             raise StorageError("the database could not be upgraded when the server started (%s); "
                                "restart the server once the file can be written" % self.unwritable)
-        rows = [(m.id, m.room, m.created_at, m.author, m.body, m.client) for m in messages]
+        rows = [(m.id, m.room, m.created_at, m.author, m.body, m.client, m.user) for m in messages]
         rooms = [(name,) for name in {m.room for m in messages}]
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 self._conn.executemany("INSERT OR IGNORE INTO rooms (name) VALUES (?)", rooms)
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -1144,7 +1178,7 @@ class Database:
                         self._conn.execute("SELECT 1 FROM rooms WHERE name = ?", (room,)).fetchall():
                     raise StorageError("%s already has room %r; nothing was imported" % (self.path, room))
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 self._conn.execute("INSERT INTO rooms (name, floor) VALUES (?, ?)", (room, floor))
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -1161,6 +1195,12 @@ class Database:
                     pass    # closing checkpoints again, as far as it can
             self._conn.close()
             self._owner.release()
+
+
+def message_columns(version):
+    """The columns of a Message, as a file of schema `version` has them (NULL where it has not)."""
+    return "id, room, created_at, author, body, %s, %s" % ("client" if version >= 2 else "NULL",
+                                                            "user" if version >= 3 else "NULL")
 
 
 def read_room_from(path, room):
@@ -1189,7 +1229,7 @@ def read_room_from(path, room):
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if not 1 <= version <= Database.SCHEMA_VERSION:
             raise StorageError("%s is not a chat_server database (schema %d)" % (path, version))
-        columns = "id, room, created_at, author, body, %s" % ("client" if version >= 2 else "NULL")
+        columns = message_columns(version)
         rows = conn.execute("SELECT %s FROM messages WHERE room = ? ORDER BY id" % columns, (room,)).fetchall()
         floor = conn.execute("SELECT floor FROM rooms WHERE name = ?", (room,)).fetchall()
     except sqlite3.Error as exc:
@@ -2580,6 +2620,13 @@ class AccessPolicy:
     def __init__(self, config, listen_host, port):
         self.port = port
         self.token = config.token
+        self.verifier = TokenVerifier(config.jwt_secret) if config.jwt_secret is not None else None
+        self.user_header = config.user_header
+        self.proxy_networks = config.proxy_addresses
+        self.anonymous_rooms = config.anonymous_rooms
+        self.identity_required = config.identity
+        # Nothing to check on a server without a token and without identity: the usual case.
+        self.guarded = bool(self.token) or self.identity_required
         self.cors_origin = config.cors_origin
         names = set(config.allow_hosts)
         listen = split_host(listen_host if ":" not in listen_host else "[%s]" % listen_host)
@@ -2644,15 +2691,81 @@ class AccessPolicy:
         elif request.headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
             raise HTTPError(403, "requests from other web sites may not change anything here")
 
-    def check_token(self, request, query_token=None):
-        """HTTPError 401 unless the request carries the token (a header; `query_token` for streams)."""
+    def identify(self, request, query_token, peer, warn):
+        """Who the request is from: an Identity, or None for an anonymous client.
+
+        The credentials are `Authorization: Bearer ...`, else `query_token` (?token= on
+        event streams, which cannot send headers), else the --user-header of a request
+        from the proxy.  HTTPError 401 for credentials that are refused.  The proxy is a
+        peer whose address is in --proxy-address (loopback unless given: nginx on the
+        same machine); the header from any other peer is ignored, and `warn(message)`
+        says so.
+        """
         given = request.headers.get("authorization", "")
         scheme, _, credentials = given.partition(" ")
-        if scheme.lower() != "bearer" or not credentials:
-            credentials = query_token or ""
-        if not hmac.compare_digest(credentials.strip(OWS).encode("utf-8", "replace"), self.token.encode("utf-8")):
-            raise HTTPError(401, "this server needs 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": 'Bearer realm="chat"'})
+        credentials = credentials.strip(OWS) if scheme.lower() == "bearer" else ""
+        credentials = credentials or query_token or ""
+        if self.token and credentials and hmac.compare_digest(credentials.encode("utf-8", "replace"),
+                                                              self.token.encode("utf-8")):
+            return SHARED_TOKEN_HOLDER
+        if self.verifier is not None and credentials:
+            try:
+                return self.verifier.verify(credentials)
+            except TokenError as exc:
+                raise HTTPError(401, "the token was refused: %s" % exc,
+                                headers={"WWW-Authenticate": bearer_challenge("invalid_token", str(exc))}) from None
+        if credentials:
+            raise self._needs_token()
+        if self.user_header and self.user_header in request.headers:
+            return self._proxy_user(request.headers[self.user_header], peer, warn)
+        return None
+
+    def _proxy_user(self, value, peer, warn):
+        if not self.is_proxy(peer):
+            warn("%s sent by %s, which is not the proxy (--proxy-address): ignored" % (self.user_header, peer))
+            return None
+        try:
+            return Identity(check_user_id(value, "the proxy's %s" % self.user_header), value)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+
+    def is_proxy(self, peer):
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])
+        except ValueError:
+            return False
+        address = getattr(address, "ipv4_mapped", None) or address
+        return any(address in network for network in self.proxy_networks)
+
+    def _needs_token(self):
+        return HTTPError(401, "this server needs 'Authorization: Bearer <token>'",
+                         headers={"WWW-Authenticate": bearer_challenge()})
+
+    def check_room(self, identity, room, action):
+        """HTTPError 401 or 403 unless `identity` (None: anonymous) may `action` ("read" or
+        "post") in `room`."""
+        if identity is not None:
+            if identity.may(action, room):
+                return
+            raise HTTPError(403, "your sign-in does not let you %s in room %r" % (action, room),
+                            headers={"WWW-Authenticate": bearer_challenge(
+                                "insufficient_scope", "no %s permission for room %s" % (action, room))})
+        if self.token:
+            raise self._needs_token()
+        if self.identity_required and not rooms_match(self.anonymous_rooms, room):
+            raise HTTPError(401, "room %r needs a sign-in: send 'Authorization: Bearer <token>' (anonymous "
+                            "clients may use only the rooms that --anonymous-rooms names)" % room,
+                            headers={"WWW-Authenticate": bearer_challenge()})
+
+    def check_admin(self, identity):
+        """HTTPError 401 or 403 unless `identity` may read /stats and /metrics."""
+        if identity is not None and identity.admin:
+            return
+        if identity is not None:
+            raise HTTPError(403, "/stats and /metrics are for admins (a token with \"admin\": true, or --token)",
+                            headers={"WWW-Authenticate": bearer_challenge("insufficient_scope", "admin only")})
+        if self.token or self.identity_required:
+            raise self._needs_token()
 
 
 def rate_key(address):
@@ -2713,6 +2826,262 @@ class RateLimiter:
 
     def __len__(self):
         return len(self._buckets)
+
+
+# ---------------------------------------------------------------------------
+# Identity
+# ---------------------------------------------------------------------------
+
+#: Signed tokens (JWT, RFC 7519, signed with HS256 only): their size at most, the clock
+#: difference allowed on exp, nbf and iat, the shortest secret, and the bytes of verified
+#: tokens remembered, so that a client's every poll does not verify its token again.
+MAX_TOKEN_BYTES = 8192
+TOKEN_LEEWAY_S = 60
+MIN_JWT_SECRET_BYTES = 32
+TOKEN_CACHE_BYTES = 4 * 1024 * 1024
+#: Longest user id (a token's `sub`, or the trusted proxy's header) and display name.
+MAX_USER_CHARS = 64
+#: A room pattern: a room's name, or the start of names followed by "*" ("team-*", "*").
+ROOM_PATTERN = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63})?\*?\Z")
+_B64URL = re.compile(r"[A-Za-z0-9_-]*\Z")
+_NOT_IN_USER_IDS = re.compile("[\x00-\x20\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NOT_IN_NAMES_OR_HALVES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+class TokenError(Exception):
+    """A bearer token that is refused; the message says why, for the client."""
+
+
+class Identity:
+    """Who a request is from: a user id (None for the shared token), the name its posts
+    carry, the rooms it may read and post in (patterns), and whether it is an admin."""
+
+    __slots__ = ("user", "name", "read", "post", "admin")
+
+    def __init__(self, user, name, read=("*",), post=("*",), admin=False):
+        self.user, self.name, self.read, self.post, self.admin = user, name, read, post, admin
+
+    def may(self, action, room):
+        """True if this identity may `action` ("read" or "post") in `room`."""
+        return self.admin or rooms_match(self.read if action == "read" else self.post, room)
+
+
+#: The shared --token's holder: every room, /stats and /metrics, and posts with any author.
+SHARED_TOKEN_HOLDER = Identity(None, None, admin=True)
+
+
+def rooms_match(patterns, room):
+    """True if `room` is one of `patterns` or starts with a pattern's part before its "*"."""
+    for pattern in patterns:
+        if pattern == room or (pattern.endswith("*") and room.startswith(pattern[:-1])):
+            return True
+    return False
+
+
+def check_room_patterns(values, what="a room pattern"):
+    """`values` as a tuple of room patterns; ValueError naming the first that is not one."""
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise ValueError("%s must be a list of room names or prefixes ending in *" % what)
+    for value in values:
+        if not isinstance(value, str) or not value or not ROOM_PATTERN.match(value):
+            raise ValueError("%r is not %s: a room name, or the start of names followed by * "
+                             "(team-*), * only at the end" % (value if isinstance(value, str) else type(value).__name__,
+                                                                 what))
+    return tuple(values)
+
+
+def check_user_id(value, what="'sub'"):
+    """A user id: 1 to 64 visible characters, no spaces, controls or text-direction overrides."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_USER_CHARS or _NOT_IN_USER_IDS.search(value):
+        raise ValueError("%s must be 1 to %d visible characters without spaces or controls" % (what, MAX_USER_CHARS))
+    return value
+
+
+def b64url_encode(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(segment, what):
+    """The bytes of one part of a token: base64url without padding, in its one canonical
+    spelling (RFC 7515 2); TokenError otherwise."""
+    if not _B64URL.match(segment) or len(segment) % 4 == 1:
+        raise TokenError("the token's %s is not base64url without padding" % what)
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if b64url_encode(data) != segment:
+        raise TokenError("the token's %s is not base64url in its canonical form" % what)
+    return data
+
+
+def _members_once(pairs):
+    members = {}
+    for name, value in pairs:
+        if name in members:
+            raise TokenError("member %r appears twice" % name[:40])
+        members[name] = value
+    return members
+
+
+def _no_constant(name):
+    raise TokenError("%s is not JSON" % name)
+
+
+def strict_json_object(data, what):
+    """The JSON object in `data` (UTF-8, each member once, no NaN); TokenError otherwise."""
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_members_once, parse_constant=_no_constant)
+    except TokenError as exc:
+        raise TokenError("the token's %s: %s" % (what, exc)) from None
+    except (ValueError, RecursionError):
+        raise TokenError("the token's %s is not JSON" % what) from None
+    if not isinstance(value, dict):
+        raise TokenError("the token's %s is not a JSON object" % what)
+    return value
+
+
+def _numeric_date(claims, name, required=False):
+    value = claims.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TokenError("'%s' must be a NumericDate (seconds since 1970 as a JSON number)%s"
+                         % (name, "" if value is not None else "; the token has none"))
+    return value
+
+
+def _utc(seconds):
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return "%r s after 1970" % seconds
+
+
+class TokenVerifier:
+    """Verifies JWTs signed with HS256 and the server's secret (RFC 7519, RFC 8725).
+
+    Only "alg": "HS256" is accepted, whatever else a header says (no "none", no other
+    HMAC, no public-key algorithm that would take the secret for a public key), and no
+    "crit" extension; the signature is checked, in constant time, before the claims are
+    read; base64url without padding and strict JSON only.  Verified tokens are kept,
+    by their bytes up to TOKEN_CACHE_BYTES, until they expire.
+    """
+
+    def __init__(self, secret, clock=time.time):
+        self.secret, self.clock = secret, clock
+        self._lock = threading.Lock()
+        self._cache = collections.OrderedDict()     # token -> (identity, not before, expires)
+        self._cache_bytes = 0
+
+    def verify(self, token):
+        """The Identity `token` names; TokenError saying why it is refused."""
+        now = self.clock()
+        with self._lock:
+            cached = self._cache.get(token)
+        if cached is not None and cached[1] - TOKEN_LEEWAY_S <= now < cached[2] + TOKEN_LEEWAY_S:
+            return cached[0]
+        identity, not_before, expires = self._verify(token, now)
+        with self._lock:
+            if token not in self._cache:
+                self._cache[token] = (identity, not_before, expires)
+                self._cache_bytes += len(token)
+                while self._cache_bytes > TOKEN_CACHE_BYTES:
+                    self._cache_bytes -= len(self._cache.popitem(last=False)[0])
+        return identity
+
+    def _verify(self, token, now):
+        if len(token) > MAX_TOKEN_BYTES:
+            raise TokenError("the token is longer than %d bytes" % MAX_TOKEN_BYTES)
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise TokenError("a token is three base64url parts joined by dots (a JWS in compact form)")
+        header_part, payload_part, signature_part = parts
+        header = strict_json_object(b64url_decode(header_part, "header"), "header")
+        algorithm = header.get("alg")
+        if algorithm != "HS256":
+            raise TokenError("the algorithm %s is not accepted; tokens are signed with HS256"
+                             % (json.dumps(algorithm)[:40] if algorithm is not None else "(none given)"))
+        if "crit" in header:
+            raise TokenError("the header's crit extensions are not supported")
+        kind = header.get("typ")
+        if kind is not None and (not isinstance(kind, str) or kind.upper() not in ("JWT", "APPLICATION/JWT")):
+            raise TokenError("the header's typ must be JWT")
+        signature = b64url_decode(signature_part, "signature")
+        b64url_decode(payload_part, "payload")      # its characters, before they are signed
+        expected = hmac.new(self.secret, ("%s.%s" % (header_part, payload_part)).encode("ascii"),
+                            hashlib.sha256).digest()
+        if not hmac.compare_digest(signature, expected):
+            raise TokenError("the signature does not match: the token was signed with another secret, "
+                             "or changed after it was signed")
+        claims = strict_json_object(b64url_decode(payload_part, "payload"), "payload")
+        return self._identity(claims, now)
+
+    @staticmethod
+    def _identity(claims, now):
+        expires = _numeric_date(claims, "exp", required=True)
+        not_before = _numeric_date(claims, "nbf")
+        issued = _numeric_date(claims, "iat")
+        if now >= expires + TOKEN_LEEWAY_S:
+            raise TokenError("the token expired at %s" % _utc(expires))
+        if not_before is not None and now < not_before - TOKEN_LEEWAY_S:
+            raise TokenError("the token is not valid before %s" % _utc(not_before))
+        if issued is not None and issued > now + TOKEN_LEEWAY_S:
+            raise TokenError("the token was issued in the future (%s)" % _utc(issued))
+        try:
+            user = check_user_id(claims.get("sub"))
+        except ValueError as exc:
+            raise TokenError(str(exc) if "sub" in claims else "the token has no 'sub' (the user's id)") from None
+        name = claims.get("name", user)
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_USER_CHARS or _NOT_IN_NAMES_OR_HALVES.search(name):
+            raise TokenError("'name' must be one line of 1 to %d characters without controls" % MAX_USER_CHARS)
+        rooms = claims.get("rooms", {})
+        if not isinstance(rooms, dict) or set(rooms) - {"read", "post"}:
+            raise TokenError("'rooms' must be an object with 'read' and 'post' lists")
+        try:
+            read = check_room_patterns(rooms.get("read", ["*"]), "a 'read' room pattern")
+            post = check_room_patterns(rooms.get("post", ["*"]), "a 'post' room pattern")
+        except ValueError as exc:
+            raise TokenError(str(exc)) from None
+        admin = claims.get("admin", False)
+        if not isinstance(admin, bool):
+            raise TokenError("'admin' must be true or false")
+        return (Identity(user, name, read, post, admin), -math.inf if not_before is None else not_before, expires)
+
+
+def mint_token(secret, claims):
+    """A JWT with `claims`, signed with HS256 and `secret` (what the token command prints)."""
+    header = b64url_encode(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    payload = b64url_encode(json.dumps(claims, separators=(",", ":")).encode())
+    signature = hmac.new(secret, ("%s.%s" % (header, payload)).encode("ascii"), hashlib.sha256).digest()
+    return "%s.%s.%s" % (header, payload, b64url_encode(signature))
+
+
+def bearer_challenge(error=None, description=None):
+    """A WWW-Authenticate value (RFC 6750 3): no error code when the request had no credentials."""
+    value = 'Bearer realm="chat"'
+    if error:
+        value += ', error="%s"' % error
+    if description:
+        # error_description is %x20-21 / %x23-5B / %x5D-7E: no quote, no backslash, ASCII only.
+        text = "".join(c if " " <= c <= "~" and c not in '"\\' else "'" if c == '"' else "?" for c in description)
+        value += ', error_description="%s"' % text[:300]
+    return value
+
+
+def load_jwt_secret(path):
+    """The bytes of the secret file at `path`; ValueError if it cannot be read or is too short."""
+    try:
+        with open(path, "rb") as secret_file:
+            secret = secret_file.read(1024 * 1024)
+    except OSError as exc:
+        raise ValueError("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+    return check_jwt_secret(secret)
+
+
+def check_jwt_secret(secret):
+    if len(secret) < MIN_JWT_SECRET_BYTES:
+        raise ValueError("the secret must be at least %d bytes (it is %d); make one with: "
+                         "head -c 32 /dev/urandom > chat.secret" % (MIN_JWT_SECRET_BYTES, len(secret)))
+    return secret
+
 
 
 # ---------------------------------------------------------------------------
@@ -2789,7 +3158,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         config = self.server.config
         self.connection.settimeout(config.idle_timeout)    # timeout mode: a non-blocking descriptor
         self.reader = RequestReader(self.connection, config.idle_timeout, config.request_timeout)
-        self.req = None
+        self.req = self.identity = None
         self.requestline, self.command, self.request_version = "", None, "HTTP/1.1"
         self.server.track(self.connection, self)
 
@@ -2835,6 +3204,9 @@ class ChatHandler(BaseHTTPRequestHandler):
                                         % request.method))
         method()
 
+    def _warn(self, message):
+        self.log_error("%s: %s", self.requestline, message)
+
     def _too_slow(self):
         return HTTPError(408, "the request took longer than %g s to arrive (--request-timeout)"
                          % self.server.config.request_timeout, close=True)
@@ -2851,8 +3223,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         path, _, query = request.target.partition("#")[0].partition("?")
         if not path.startswith("/"):
             path = self._path_of_target(path)
+        policy = self.server.policy
         try:
-            host = self.server.policy.check_host(request)
+            host = policy.check_host(request)
             methods = self._methods_for(path)
             if methods is None:
                 raise HTTPError(404, "no such path: %s" % path[:200])
@@ -2863,13 +3236,19 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise HTTPError(405, "%s does not accept %s" % (path[:200], self.command),
                                 headers={"Allow": self._allow(methods)})
             if self.command not in SAFE_METHODS:
-                self.server.policy.check_origin(request, host)
+                policy.check_origin(request, host)
             query = parse_query(query)
-            if self.server.config.token and path not in self.OPEN_PATHS:
+            room = self._room_of(path)
+            self.identity = None
+            if policy.guarded and path not in self.OPEN_PATHS:
                 # ?token= only where an EventSource, which cannot send headers, needs it.
                 stream = route == "get_messages" and self._wants_stream()
-                self.server.policy.check_token(request, query.get("token") if stream else None)
-            room = self._room_of(path)
+                self.identity = policy.identify(request, query.get("token") if stream else None,
+                                                self.client_address[0], self._warn)
+                if route in ("get_messages", "post_message"):
+                    policy.check_room(self.identity, room, "post" if route == "post_message" else "read")
+                else:
+                    policy.check_admin(self.identity)
             if self.command != "POST" and not self._discard_body():
                 self.close_connection = True
             getattr(self, route)(room, query)
@@ -2971,7 +3350,13 @@ class ChatHandler(BaseHTTPRequestHandler):
                             headers={"Retry-After": str(wait)})
         body = self.reader.read_body(self.req, self._send_continue)
         fields = read_message_fields(body, self.headers.get("content-type", ""))
-        message = server.store.add(room, fields["body"], fields["author"], fields["client"])
+        author, user = fields["author"], None
+        if self.identity is not None and self.identity.user is not None:
+            if author is not None and author != self.identity.name:
+                raise HTTPError(400, "the name comes from your sign-in (%s); send no 'author', or that one"
+                                % self.identity.name)
+            author, user = self.identity.name, self.identity.user
+        message = server.store.add(room, fields["body"], author, fields["client"], user)
         try:
             self._respond(HTTPStatus.CREATED, message.json + b"\n")
         finally:
@@ -3573,6 +3958,9 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
 .text a .host { font-weight: 600; }
 .author { font-weight: 600; color: var(--fg); overflow-wrap: anywhere; }
 .anon { font-style: italic; font-weight: 400; color: var(--muted); }
+.verified::after { content: " ✓"; color: var(--ok); font-weight: 600; }
+.guest { font-size: .75rem; font-weight: 400; color: var(--muted); }
+#me { margin: 0; font-size: .85rem; color: var(--muted); }
 .c0 { color: var(--c0); } .c1 { color: var(--c1); } .c2 { color: var(--c2); } .c3 { color: var(--c3); }
 .c4 { color: var(--c4); } .c5 { color: var(--c5); } .c6 { color: var(--c6); } .c7 { color: var(--c7); }
 .day {
@@ -3618,7 +4006,8 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     <input id="room" maxlength="64" spellcheck="false" autocapitalize="off" enterkeyhint="go">
     <button>Go</button>
   </form>
-  <div class="field">
+  <p id="me" hidden></p>
+  <div class="field" id="name-field">
     <label for="name">Name</label>
     <input id="name" autocomplete="nickname" placeholder="anonymous" dir="auto">
   </div>
@@ -3658,7 +4047,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   const roomInput = $('room'), nameInput = $('name'), bodyInput = $('body'), note = $('note');
   const sendForm = $('send-form'), sendButton = $('send'), counter = $('count'), hint = $('hint-text');
   const tokenForm = $('token-form'), tokenInput = $('token'), tokenLabel = $('token-label');
-  const notifyButton = $('notify');
+  const notifyButton = $('notify'), meEl = $('me'), nameField = $('name-field');
 
   // The server's limits, written into <body data-...> by the server.
   const MAX_BODY = Number(document.body.dataset.maxBody) || 0;      // bytes of the whole JSON request
@@ -3682,6 +4071,43 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
       try { if (v) localStorage.setItem('chat.' + k, v); else localStorage.removeItem('chat.' + k); } catch (e) { /* private mode */ }
     }
   };
+
+  // A sign-in link, http://host/#token=<jwt>: a fragment never reaches a server log or a
+  // Referer. The token moves to this tab's sessionStorage and out of the address bar; it
+  // is sent as the Authorization header, and the name on our posts is the one it carries.
+  const session = {
+    get(k) { try { return sessionStorage.getItem('chat.' + k) || ''; } catch (e) { return memory['s.' + k] || ''; } },
+    set(k, v) {
+      memory['s.' + k] = v;
+      try { if (v) sessionStorage.setItem('chat.' + k, v); else sessionStorage.removeItem('chat.' + k); } catch (e) { /* private mode */ }
+    }
+  };
+  if (location.hash.slice(0, 7) === '#token=') {
+    session.set('signin', location.hash.slice(7));
+    history.replaceState(null, '', location.pathname + location.search);
+  }
+  function claimsOf(token) {  // the token's claims, read (not verified: the server does that)
+    try {
+      const part = token.split('.')[1].split('-').join('+').split('_').join('/');
+      return JSON.parse(new TextDecoder().decode(Uint8Array.from(atob(part), (c) => c.charCodeAt(0))));
+    } catch (e) { return null; }
+  }
+  let me = null;  // {user, name, exp} while signed in
+  function signIn() {
+    const claims = claimsOf(session.get('signin'));
+    me = claims && typeof claims.sub === 'string' ?
+      { user: claims.sub, name: typeof claims.name === 'string' ? claims.name : claims.sub, exp: Number(claims.exp) } : null;
+    if (!me) session.set('signin', '');
+    meEl.hidden = nameField.hidden = false;
+    if (me) {
+      meEl.textContent = 'Signed in as ' + me.name;
+      nameField.hidden = true;
+    } else {
+      meEl.hidden = true;
+    }
+  }
+  signIn();
+  let sawVerified = false;  // a message with a verified user: this server has sign-ins
 
   // A random id for this browser, sent with every post. The server stores and shows only a
   // hash of it (the message's "client" tag), so nobody can post as us; we learn our own tag
@@ -3714,7 +4140,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     return e;
   }
   function headers(extra) {
-    const h = Object.assign({}, extra), token = saved.get('token');
+    const h = Object.assign({}, extra), token = (me && session.get('signin')) || saved.get('token');
     if (token) h.Authorization = 'Bearer ' + token;
     return h;
   }
@@ -3729,7 +4155,9 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     lost: ['connection problem; reconnecting', 'The connection to the server has a problem. The page keeps trying.', 'bad'],
     host: ['address refused; retrying', 'The chat server does not accept this web address. Ask whoever runs it.', 'bad'],
     needed: ['access token needed', 'This server needs an access token: enter it above to see the messages.', 'bad'],
-    refused: ['access token refused', 'The access token was refused: check it and enter it again above.', 'bad']
+    refused: ['access token refused', 'The access token was refused: check it and enter it again above.', 'bad'],
+    expired: ['your sign-in link has expired', 'Your sign-in link has expired: ask for a new one.', 'bad'],
+    forbidden: ['no access to this room', 'Your sign-in does not let you read this room.', 'bad']
   };
   function setState(name) {
     state = name;
@@ -3829,7 +4257,9 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     if (done < text.length) parent.append(text.slice(done));
   }
 
-  const isMine = (m) => !!myTag && m.client === myTag;
+  // Mine: by the verified user where the message has one (the same person on two devices),
+  // else by this browser's tag.
+  const isMine = (m) => m.user ? !!me && m.user === me.user : !!myTag && m.client === myTag;
 
   // Show one message, once per id, in id (= time) order; null if it was not added.
   function add(m) {
@@ -3840,10 +4270,23 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     li.dataset.id = m.id;
     if (m.client) li.dataset.client = m.client;
     if (isMine(m)) li.classList.add('mine');
-    info.set(li, { author: author, client: m.client || '', t: t, day: isNaN(t) ? '' : new Date(t).toDateString() });
+    info.set(li, { author: author, client: (m.user ? 'user:' + m.user : m.client) || '', t: t,
+                   day: isNaN(t) ? '' : new Date(t).toDateString() });
     who.dir = 'auto';
     who.textContent = author || 'anonymous';
-    meta.append(who, when(m.created_at, t));
+    if (typeof m.user === 'string' && m.user) {
+      sawVerified = true;
+      who.classList.add('verified');
+      who.title = 'signed in as ' + m.user;
+      li.dataset.user = m.user;
+    }
+    meta.append(who);
+    if (!m.user && (me || sawVerified)) {
+      const guest = el('span', 'guest');
+      guest.textContent = 'not signed in';
+      meta.append(guest);
+    }
+    meta.append(when(m.created_at, t));
     text.dir = 'auto';
     linkify(text, String(m.body));
     li.append(meta, text);
@@ -4024,6 +4467,8 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
         reset();  // the cursor is older than what is kept, or from before a restart: reload the room
         continue;
       }
+      if (res && res.status === 401 && me) { signInExpired(); return; }
+      if (res && res.status === 403) { setState('forbidden'); return; }
       if (res && res.status === 401) { askToken(withToken); return; }
       // Anything else: wait (capped exponential backoff with jitter, at least Retry-After), retry.
       let ms = Math.min(MAX_BACKOFF_MS, 1000 * Math.pow(2, fails++)) * (0.5 + Math.random() / 2);
@@ -4045,6 +4490,17 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     ctrl = new AbortController();
     setState('connecting');
     poll(gen, ctrl.signal);
+  }
+
+  // The sign-in token was refused (it expired, or the server has a new secret): say so, and
+  // go on without it where the server lets anonymous clients in.
+  function signInExpired() {
+    const expired = !me.exp || me.exp * 1000 <= Date.now();
+    session.set('signin', '');
+    signIn();
+    say(expired ? 'Your sign-in link has expired: ask for a new one.' : 'Your sign-in link was refused: ask for a new one.');
+    setState('expired');
+    start();
   }
 
   // `refused`: the request that got the 401 carried a token.
@@ -4109,7 +4565,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     return Array.from(text).filter((ch) => {
       const c = ch.codePointAt(0);
       if (c >= 0xD800 && c <= 0xDFFF) return false;
-      if (c < 32 || (c >= 0x7F && c <= 0x9F)) return !isName && (c === 9 || c === 10 || c === 13);
+      if (c < 32 || (c >= 0x7F && c <= 0x9F)) return !isName && (c === 9 || c === 10);
       return !isName || !(c === 0x2028 || c === 0x2029 || (c >= 0x202A && c <= 0x202E) || (c >= 0x2066 && c <= 0x2069));
     }).join('');
   }
@@ -4119,7 +4575,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   }
   // The request body exactly as it is sent: the server's limit is on its UTF-8 bytes.
   function payload(text) {
-    const p = { body: clean(text, false) }, author = authorName();
+    const p = { body: clean(text, false) }, author = me ? '' : authorName();
     if (author) p.author = author;
     p.client = client;
     return JSON.stringify(p);
@@ -4338,7 +4794,9 @@ def _in_range(name):
 def build_parser():
     parser = _Parser(
         prog="chat_server.py", description=__doc__.splitlines()[0],
-        epilog="Environment: CHAT_TOKEN sets --token without showing it in the process list.")
+        epilog="Commands: 'chat_server.py backup --help', 'chat_server.py token --help'.  Environment: "
+               "CHAT_TOKEN sets --token and CHAT_JWT_SECRET the signing secret without showing them in the "
+               "process list.")
     add = parser.add_argument
     add("--version", action="version", version="chat_server.py %s" % __version__)
     add("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
@@ -4382,6 +4840,18 @@ def build_parser():
         help="require 'Authorization: Bearer SECRET' on the API (default: $CHAT_TOKEN, else none)")
     add("--cors-origin", type=_checked(check_origin_option), metavar="ORIGIN",
         help="let pages from ORIGIN (https://host[:port]) call the API (default: none)")
+    add("--jwt-secret-file", type=_checked(load_jwt_secret), dest="jwt_secret", metavar="PATH",
+        help="accept tokens (JWT, HS256) signed with the bytes of this file, at least %d; they name "
+             "their user and rooms (default: $CHAT_JWT_SECRET, else none)" % MIN_JWT_SECRET_BYTES)
+    add("--user-header", type=_checked(check_header_name), metavar="NAME",
+        help="take the user from this header (X-Remote-User), set by an authenticating proxy on this "
+             "machine; from any other address it is ignored (default: none)")
+    add("--proxy-address", action="append", dest="proxy_addresses", type=_checked(check_network), metavar="CIDR",
+        help="where the proxy that sets --user-header connects from: an address or network (repeatable; "
+             "default: loopback, 127.0.0.0/8 and ::1)")
+    add("--anonymous-rooms", action="append", default=[], metavar="PATTERN",
+        help="with tokens or --user-header: rooms that clients without either may read and post in, a "
+             "name or a prefix ending in * (repeatable; default: none)")
     add("--import-room", metavar="ROOM",
         help="copy room ROOM's history from the --from file into --db, then exit (both servers stopped)")
     add("--from", dest="from_db", metavar="PATH", help="the database file --import-room reads")
@@ -4395,6 +4865,13 @@ def main(argv=None):
         return COMMANDS[argv[0]](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        if args.jwt_secret is None and os.environ.get("CHAT_JWT_SECRET"):
+            args.jwt_secret = check_jwt_secret(os.environ["CHAT_JWT_SECRET"].encode("utf-8"))
+        args.anonymous_rooms = check_room_patterns(args.anonymous_rooms, "an --anonymous-rooms pattern")
+        args.proxy_addresses = args.proxy_addresses or Config.proxy_addresses
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.import_room is not None or args.from_db is not None:
         return import_room(parser, args)
     if args.db != ":memory:" and sqlite3 is None:
@@ -4502,8 +4979,68 @@ def backup_command(argv):
     return 0
 
 
+#: Lifetimes of minted tokens: a number and a unit.
+_LIFETIME = re.compile(r"([0-9]{1,9})([smhd])\Z")
+_LIFETIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _lifetime(text):
+    match = _LIFETIME.match(text)
+    if not match or not int(match.group(1)):
+        raise ValueError("a lifetime is a whole number and a unit: 3600s, 90m, 12h, 30d")
+    return int(match.group(1)) * _LIFETIME_UNITS[match.group(2)]
+
+
+def token_command(argv):
+    """python3 chat_server.py token --sub ID ...: print a signed token for a user."""
+    parser = _Parser(prog="chat_server.py token",
+                     description="Print a token (JWT, HS256) signed with the server's secret, for a sign-in "
+                                 "link (http://host/#token=...) or an Authorization: Bearer header.",
+                     epilog="The secret: --jwt-secret-file, else $CHAT_JWT_SECRET, as for the server.")
+    add = parser.add_argument
+    add("--jwt-secret-file", type=_checked(load_jwt_secret), dest="secret", metavar="PATH",
+        help="the server's secret file (default: $CHAT_JWT_SECRET)")
+    add("--sub", required=True, type=_checked(check_user_id), metavar="ID", help="the user's id (1 to 64 visible characters)")
+    add("--name", metavar="NAME", help="the name shown on the user's posts (default: the id)")
+    add("--read", action="append", metavar="PATTERN",
+        help="rooms the user may read: a name or a prefix ending in * (repeatable; default: every room)")
+    add("--post", action="append", metavar="PATTERN",
+        help="rooms the user may post in (repeatable; default: every room)")
+    add("--admin", action="store_true", help="may read /stats and /metrics, and moderate")
+    add("--expires", type=_checked(_lifetime), default="30d", metavar="LIFETIME",
+        help="how long the token is valid: 3600s, 90m, 12h, 30d (default: %(default)s)")
+    args = parser.parse_args(argv)
+    secret = args.secret
+    if secret is None:
+        if not os.environ.get("CHAT_JWT_SECRET"):
+            parser.error("give --jwt-secret-file PATH (or set CHAT_JWT_SECRET)")
+        try:
+            secret = check_jwt_secret(os.environ["CHAT_JWT_SECRET"].encode("utf-8"))
+        except ValueError as exc:
+            parser.error("CHAT_JWT_SECRET: %s" % exc)
+    now = int(time.time())
+    claims = {"sub": args.sub, "iat": now, "exp": now + args.expires}
+    if args.name is not None:
+        claims["name"] = args.name
+    rooms = {}
+    try:
+        for action in ("read", "post"):
+            if getattr(args, action) is not None:
+                rooms[action] = list(check_room_patterns(getattr(args, action), "a --%s pattern" % action))
+        # The server checks the name as it checks every claim: refuse here what it would refuse.
+        TokenVerifier._identity(dict(claims, rooms=rooms), now)
+    except (ValueError, TokenError) as exc:
+        parser.error(str(exc))
+    if rooms:
+        claims["rooms"] = rooms
+    if args.admin:
+        claims["admin"] = True
+    print(mint_token(secret, claims))
+    return 0
+
+
 #: Commands given as the first argument, each a function of the remaining arguments.
-COMMANDS = {"backup": backup_command}
+COMMANDS = {"backup": backup_command, "token": token_command}
 
 
 if __name__ == "__main__":

