@@ -7,6 +7,7 @@ Run:    python bench/bench.py                 # every scenario, full sizes (abou
         python bench/bench.py --only post,stream --post-fanout 5000 --stream-sizes 1000,10000
         python bench/bench.py --only shards --shard-clients 64 --shard-waiters 5000
         python bench/bench.py --only adversarial --adversarial-runs 5     # not part of the default run
+        python bench/bench.py --only backup                               # not part of the default run either
 
 Starts ../chat_server.py (relative to this file) as a separate process for each scenario size
 (`--port 0 --quiet --db :memory:`, or a database file in a temporary directory for the durable
@@ -87,6 +88,18 @@ Scenarios
 
 Output: one JSON line per scenario size (post: per row) as it finishes (stdout), then one aligned table
 with PASS/MISS against the targets. Progress goes to stderr.
+    backup  Issue 23; only with --only backup (it writes a 1 GiB file). (a) Posting at --backup-post-clients (64)
+            on the file store, as the post rows do, a fresh server and file each: this server against the
+            previous commit's (`git show fceeaa2:chat_server.py`, the last with EXCLUSIVE locking; or
+            --backup-baseline PATH), --backup-rounds each, alternating: posts/s, p99, max, and new/old (target
+            >= 0.95). (b) A database of --backup-db-mib (1024) MiB built with sqlite3 directly in the temporary
+            directory (random base64 bodies, which do not compress; refused unless 3 times its size is free),
+            a server on it, --backup-clients (16) posting as fast as answered: alone; while `chat_server.py
+            backup` copies it (to the same temporary directory); while Litestream ($CHAT_LITESTREAM, PATH or
+            .ci/.venv-litestream; skipped without it) takes its first snapshot to a file replica there, and
+            then while it replicates: p50/p99/max of the posts answered in each window (target: max <= 100 ms),
+            and Litestream's "database is locked" lines and errors (target 0).
+
 Exit status: 0; 1 if ordering (order, stream, adversarial) found a lost/duplicated/reordered message or any
 scenario could not run correctly (exception, wrong status, a waiter never answered, a stream ended
 by the server, a failed request through nginx, a room whose posts reached two shards). Missed
@@ -123,8 +136,9 @@ LONG_POLL_S = 120                       # ?timeout= for fan-out/idle waiters (se
 LINGER_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, leaves no TIME_WAIT
 RECONNECT_GAP_S = 0.2                   # stream rate: streams we close mid-run are reopened after this
 
-SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards", "adversarial")
-DEFAULT_SCENARIOS = SCENARIOS[:-1]      # adversarial runs only when named: it is made to break today's server
+SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards", "adversarial", "backup")
+# adversarial runs only when named (it is made to break today's server); backup too (it writes a 1 GiB file)
+DEFAULT_SCENARIOS = SCENARIOS[:-2]
 
 
 def log(msg):
@@ -341,6 +355,7 @@ class Server:
         self.db = db
         self.args = args        # the server's flags instead of the bench's own (shards: the README's)
         self.cpus = ctx.server_cpu if cpus == "server" else cpus    # taskset -c list, or None
+        self.path = ctx.server_path     # another chat_server.py to compare with (backup: the previous commit's)
         self.proc = None
         self.port = None
         self.first_line = ""
@@ -353,9 +368,9 @@ class Server:
         base = os.path.join(ctx.tmpdir, "server-%d" % Server.count)
         self.out_path, self.err_path = base + ".out", base + ".err"
         if self.args is not None:
-            cmd = [sys.executable, ctx.server_path] + list(self.args)
+            cmd = [sys.executable, self.path] + list(self.args)
         else:
-            cmd = [sys.executable, ctx.server_path, "--host", HOST, "--port", "0", "--quiet",
+            cmd = [sys.executable, self.path, "--host", HOST, "--port", "0", "--quiet",
                    "--db", self.db, "--max-waiters", str(ctx.max_waiters),
                    "--max-connections", str(ctx.max_connections), "--max-timeout", "300",
                    "--allow-host", HOST]    # the load generator's requests say "Host: 127.0.0.1", without the port
@@ -3016,6 +3031,249 @@ def scenario_shards(ctx, k, block, commands):
 
 
 # ---------------------------------------------------------------------------------------------------
+# backup: the OS-lock server against the previous EXCLUSIVE-locking one; posting while a backup and
+# while Litestream copy the file (issue 23)
+
+BACKUP_BASELINE_COMMIT = "fceeaa2"      # the last commit whose server held its file in EXCLUSIVE locking mode
+BACKUP_POST_RATIO_TARGET = 0.95         # new / old posts per second, 64 clients, file store
+BACKUP_MAX_MS_TARGET = 100.0            # a post's longest answer while a backup or Litestream reads the file
+
+
+def baseline_server(ctx):
+    """(path of the previous server, None) or (None, why not): --backup-baseline, else git show."""
+    if ctx.backup_baseline != "git":
+        return (ctx.backup_baseline, None) if os.path.exists(ctx.backup_baseline) else \
+            (None, "%s does not exist" % ctx.backup_baseline)
+    out = os.path.join(ctx.tmpdir, "chat_server_%s.py" % BACKUP_BASELINE_COMMIT)
+    try:
+        r = subprocess.run(["git", "-C", os.path.dirname(ctx.server_path), "show",
+                            "%s:chat_server.py" % BACKUP_BASELINE_COMMIT], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, "git show failed: %s" % e
+    if r.returncode:
+        return None, "git show %s:chat_server.py: %s" % (BACKUP_BASELINE_COMMIT, r.stderr.decode()[:200].strip())
+    with open(out, "wb") as f:
+        f.write(r.stdout)
+    return out, None
+
+
+def litestream_path():
+    """litestream: $CHAT_LITESTREAM, on PATH, or .ci's private virtual environment (as the tests look)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for c in (os.environ.get("CHAT_LITESTREAM"), shutil.which("litestream"),
+              os.path.join(here, "..", ".ci", ".venv-litestream", "bin", "litestream")):
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return os.path.abspath(c)
+    return None
+
+
+def build_big_database(ctx, path, mib):
+    """A chat database of about `mib` MiB, written with sqlite3 directly (rows of 7.5 KB of random base64
+    text, which does not compress), from a message the server stored as a template. Bounded: refuses
+    unless three times its size is free (the database, a backup of it, Litestream's snapshot)."""
+    free = shutil.disk_usage(os.path.dirname(path)).free
+    if free < 3 * mib * 1024 * 1024:
+        raise ProtocolError("%d MiB free in %s, %d needed" % (free >> 20, os.path.dirname(path), 3 * mib))
+    srv = Server(ctx, db=path, cpus=None).start()
+    try:
+        Ctl(srv.port).post("big", "template")
+    finally:
+        srv.stop()
+    import base64
+    import sqlite3
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+        template = list(conn.execute("SELECT %s FROM messages" % ", ".join(columns)).fetchone())
+        sql = "INSERT INTO messages (%s) VALUES (%s)" % (", ".join(columns), ", ".join("?" * len(columns)))
+        i_id, i_body = columns.index("id"), columns.index("body")
+        start_ms = int((time.time() - 7 * 86400) * 1000)        # a week ago: older than anything posted now
+        conn.execute("BEGIN")
+        for i in range(mib * 1024 * 1024 // 8400):     # a row takes about 8.4 KB of the file
+            row = list(template)
+            value = ((start_ms + i) << 80) | (0x7 << 76) | (0b10 << 62) | i
+            text = "%032x" % value
+            row[i_id] = "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+            row[i_body] = base64.b64encode(os.urandom(5625)).decode()
+            conn.execute(sql, row)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return os.path.getsize(path)
+
+
+def timed_posting(port, clients, until, bound):
+    """Closed-loop posting from `clients` keep-alive connections until until() (checked in the loop) or
+    `bound` s; returns ([(time answered, latency)], errors)."""
+    loop = Loop()
+    req = post_request("post", "benchmark message")
+    samples, st = [], State(bad=0, stop=False, done=0)
+
+    def on_resp(c, status, body, t):
+        if status != 201:
+            st.bad += 1
+            if st.bad <= 3:
+                log("POST answered %s %r" % (status, body[:120]))
+        else:
+            samples.append((t, t - c.t_sent))
+        if not st.stop and not c.dead:
+            c.send(req)
+        else:
+            st.done += 1
+
+    conns = [loop.connect(port, on_resp) for _ in range(clients)]
+    for c in conns:
+        c.send(req)
+
+    def check():
+        if not st.stop and until():
+            st.stop = True
+        return st.stop and st.done >= clients
+
+    loop.run(check, bound)
+    st.stop = True
+    loop.run(lambda: st.done >= clients, 10)
+    loop.close_all()
+    return samples, st.bad + (clients - st.done)
+
+
+def latency_row(samples, t0, t1):
+    """p50/p99/max and count of the answers given between t0 and t1."""
+    lat = sorted(x for t, x in samples if t0 <= t <= t1)
+    return {"posts": len(lat), "rps": round(len(lat) / max(t1 - t0, 1e-9), 1),
+            "p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)),
+            "max_ms": ms(lat[-1]) if lat else None}
+
+
+def scenario_backup_posting(ctx):
+    """Posting at --backup-post-clients on the file store: this server against the previous commit's
+    (EXCLUSIVE locking), a fresh server and file each, rows alternating, --backup-rounds each."""
+    res = {"scenario": "backup", "part": "posting", "clients": ctx.backup_post_clients}
+    old_path, why = baseline_server(ctx)
+    if why:
+        res["skipped"] = "no previous server to compare with: %s" % why
+        return res
+    runs = {"old": [], "new": []}
+    for rnd_no in range(ctx.backup_rounds):
+        for kind in (("old", "new") if rnd_no % 2 == 0 else ("new", "old")):
+            srv = Server(ctx, db=os.path.join(ctx.tmpdir, "backup-post-%s-%d.db" % (kind, rnd_no)))
+            if kind == "old":
+                srv.path = old_path
+            srv.start()
+            try:
+                Ctl(srv.port).post("post", "start")
+                r = post_run(srv.port, ctx.backup_post_clients, ctx.backup_post_seconds, ctx.post_warmup)
+            finally:
+                srv.stop()
+            log("backup: posting, %s server, round %d: %.0f posts/s, p99 %s ms, max %s ms" %
+                (kind, rnd_no + 1, r["rps"], r["p99_ms"], r["max_ms"]))
+            runs[kind].append(r)
+    for kind, rows in runs.items():
+        res[kind] = {"rps": [r["rps"] for r in rows], "p99_ms": [r["p99_ms"] for r in rows],
+                     "max_ms": [r["max_ms"] for r in rows], "errors": sum(r["errors"] for r in rows)}
+        res[kind + "_rps"] = median([r["rps"] for r in rows])
+        res[kind + "_p99_ms"] = median([r["p99_ms"] for r in rows if r["p99_ms"] is not None])
+        res[kind + "_max_ms"] = max(r["max_ms"] for r in rows if r["max_ms"] is not None)
+    res["ratio"] = rnd(res["new_rps"] / res["old_rps"], 3)
+    res["baseline"] = "%s (%s)" % (BACKUP_BASELINE_COMMIT, old_path)
+    res["errors"] = res["old"]["errors"] + res["new"]["errors"]
+    return res
+
+
+def scenario_backup_latency(ctx):
+    """A database of --backup-db-mib; posting at --backup-clients: alone, then while `chat_server.py backup`
+    copies it, then while Litestream takes its first snapshot and replicates (file replica)."""
+    res = {"scenario": "backup", "part": "latency", "clients": ctx.backup_clients, "db_mib": ctx.backup_db_mib}
+    db = os.path.join(ctx.tmpdir, "big.db")
+    t = now()
+    res["db_bytes"] = build_big_database(ctx, db, ctx.backup_db_mib)
+    res["build_s"] = rnd(now() - t, 1)
+    log("backup: built a %d MiB database in %.1f s" % (res["db_bytes"] >> 20, res["build_s"]))
+    srv = Server(ctx, db=db).start()
+    litestream = None
+    errors = 0
+    try:
+        Ctl(srv.port).post("post", "start")
+        t0 = now()
+        samples, bad = timed_posting(srv.port, ctx.backup_clients, lambda: now() - t0 >= ctx.backup_seconds,
+                                     ctx.backup_seconds + 10)
+        errors += bad
+        res["alone"] = latency_row(samples, t0 + ctx.post_warmup, now())
+
+        out = os.path.join(ctx.tmpdir, "big-copy.db")
+        backup = subprocess.Popen([sys.executable, ctx.server_path, "backup", "--db", db, out],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        t0 = now()
+        st = State(t_end=None)
+
+        def backup_done():
+            if st.t_end is None and backup.poll() is not None:
+                st.t_end = now()
+            return st.t_end is not None
+        samples, bad = timed_posting(srv.port, ctx.backup_clients, backup_done, 600)
+        errors += bad
+        backup_done()
+        stdout, stderr = backup.communicate(timeout=60)
+        res["backup_s"] = rnd((st.t_end or now()) - t0, 2)
+        res["backup_exit"] = backup.returncode
+        res["backup_said"] = (stdout or stderr).decode("utf-8", "replace").strip()[:300]
+        if backup.returncode != 0:
+            errors += 1
+        res["during_backup"] = latency_row(samples, t0, st.t_end or now())
+        if os.path.exists(out):
+            os.remove(out)
+
+        binary = litestream_path()
+        if binary is None:
+            res["litestream"] = "skipped: no litestream ($CHAT_LITESTREAM, PATH, .ci/.venv-litestream)"
+        else:
+            replica = os.path.join(ctx.tmpdir, "replica")
+            config = os.path.join(ctx.tmpdir, "litestream.yml")
+            with open(config, "w") as f:
+                f.write("dbs:\n  - path: %s\n    busy-timeout: 5s\n    replica:\n      type: file\n"
+                        "      path: %s\n      sync-interval: 1s\n" % (db, replica))
+            log_path = os.path.join(ctx.tmpdir, "litestream.log")
+            with open(log_path, "wb") as lf:
+                litestream = subprocess.Popen([binary, "replicate", "-config", config], stdout=lf,
+                                              stderr=subprocess.STDOUT)
+            snapshot_dir = os.path.join(replica, "ltx", "9")
+            t0 = now()
+            st = State(t_end=None)
+
+            def snapshot_done():
+                if st.t_end is None and os.path.isdir(snapshot_dir) and os.listdir(snapshot_dir):
+                    st.t_end = now()
+                return st.t_end is not None or litestream.poll() is not None
+            samples, bad = timed_posting(srv.port, ctx.backup_clients, snapshot_done, 600)
+            errors += bad
+            res["litestream_snapshot_s"] = rnd((st.t_end or now()) - t0, 2)
+            res["during_litestream_snapshot"] = latency_row(samples, t0, st.t_end or now())
+            t0 = now()
+            samples, bad = timed_posting(srv.port, ctx.backup_clients,
+                                         lambda: now() - t0 >= 2 * ctx.backup_seconds, 2 * ctx.backup_seconds + 10)
+            errors += bad
+            res["while_litestream_replicates"] = latency_row(samples, t0 + ctx.post_warmup, now())
+            litestream.terminate()      # it ships what it has not shipped yet before it exits: give it time
+            try:
+                litestream.wait(60)
+            except subprocess.TimeoutExpired:
+                log("litestream pid %d ignored SIGTERM for 60 s: killing it" % litestream.pid)
+                litestream.kill()
+                litestream.wait(5)
+            res["litestream_exit"] = litestream.returncode
+            with open(log_path, "rb") as lf:
+                text = lf.read().decode("utf-8", "replace")
+            res["litestream_errors"] = [line[:200] for line in text.splitlines() if "level=ERROR" in line][:5]
+            res["litestream_locked"] = text.count("database is locked")
+    finally:
+        if litestream is not None and litestream.poll() is None:
+            terminate(litestream, "litestream")
+        res["server_exit"] = srv.stop()
+    res["errors"] = errors
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
 # Targets and the table
 
 
@@ -3213,6 +3471,41 @@ def targets_for(r, results):
         row("fan-out: CPU taken by others (parking + fan-out)", r.get("fanout_others_cpu_pct"), " % of a core",
             fmt="%.0f")
         row("fan-out: failed", r.get("fanout_errors"), "", "0", r.get("fanout_errors") == 0)
+    elif sc == "backup" and r.get("part") == "posting":
+        for kind, what in (("old", "previous server (%s, EXCLUSIVE)" % BACKUP_BASELINE_COMMIT),
+                           ("new", "this server (OS lock)")):
+            x = r.get(kind) or {}
+            row("%s: posts/s" % what, "%s (median of %s)" % (num(r.get(kind + "_rps"), "%.0f"),
+                                                          ", ".join("%.0f" % v for v in x.get("rps", []))))
+            row("%s: p99 / max" % what, "%s / %s ms" % (num(r.get(kind + "_p99_ms")), num(r.get(kind + "_max_ms"))))
+        ratio = r.get("ratio")
+        row("posts/s, new / old", ratio, "", ">= %.2f" % BACKUP_POST_RATIO_TARGET,
+            ratio is not None and ratio >= BACKUP_POST_RATIO_TARGET, fmt="%.3f")
+    elif sc == "backup":
+        row("database", "%s MiB (built in %s s)" % (num((r.get("db_bytes") or 0) / 1048576.0, "%.0f"),
+                                                   num(r.get("build_s"))))
+
+        def lat(key, label, target):
+            x = r.get(key)
+            if not isinstance(x, dict):
+                row(label, x)
+                return
+            row(label + ": posts/s, p50 / p99", "%s, %s / %s ms" % (num(x.get("rps"), "%.0f"), num(x.get("p50_ms")),
+                                                                   num(x.get("p99_ms"))))
+            row(label + ": max", x.get("max_ms"), " ms", target and "<= %.0f ms" % BACKUP_MAX_MS_TARGET,
+                x.get("max_ms") is not None and x["max_ms"] <= BACKUP_MAX_MS_TARGET)
+        lat("alone", "posting alone", False)
+        row("backup: time, exit", "%s s, %s" % (num(r.get("backup_s")), r.get("backup_exit")))
+        lat("during_backup", "during the backup", True)
+        if isinstance(r.get("litestream"), str):
+            row("litestream", r["litestream"])
+        else:
+            row("Litestream: first snapshot", r.get("litestream_snapshot_s"), " s")
+            lat("during_litestream_snapshot", "during its snapshot", True)
+            lat("while_litestream_replicates", "while it replicates", True)
+            row("Litestream: 'database is locked' / errors", "%s / %s" % (r.get("litestream_locked"),
+                                                                       len(r.get("litestream_errors") or [])),
+                "", "0 / 0", not r.get("litestream_locked") and not r.get("litestream_errors"))
     elif sc == "order":
         row("lost/dup/reordered", "%s/%s/%s" % (r.get("lost"), r.get("duplicated"), r.get("reordered")),
             "", "0/0/0", r.get("ordering_errors") == 0 and not r.get("errors"))
@@ -3278,6 +3571,10 @@ def size_label(r):
     if sc == "adversarial":
         what = {"polls": "%d polls", "streams": "%d streams", "order": "order, %dx2 readers"}.get(r.get("part"), "%d")
         return (what % r.get("clients", 0)) + ", run %d" % r.get("run", 1)
+    if sc == "backup":
+        if r.get("part") == "posting":
+            return "file, %d clients, old vs new" % r.get("clients", 0)
+        return "%d MiB db, %d clients" % (r.get("db_mib", 0), r.get("clients", 0))
     if sc == "shards" and r.get("shards"):
         return "%d shard%s, %d clients, %d rooms, TLS" % (r["shards"], "" if r["shards"] == 1 else "s",
                                                          r.get("clients", 0), r.get("rooms", 0))
@@ -3353,7 +3650,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smallest sizes of every scenario, in about 15 s (a unit test runs it)")
     p.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
-                   help="comma list of %s (default all but adversarial)" % ",".join(SCENARIOS))
+                   help="comma list of %s (default all but adversarial and backup)" % ",".join(SCENARIOS))
     p.add_argument("--server", default=os.path.join(here, "..", "chat_server.py"),
                    help="path of chat_server.py (default: ../chat_server.py beside this file)")
     p.add_argument("--wake-sizes", type=parse_ints, help="waiters per wake run (default 1,100,1000; quick 1,20)")
@@ -3397,6 +3694,16 @@ def main(argv=None):
     p.add_argument("--adversarial-parts", default="polls,streams,order", help="adversarial: which parts")
     p.add_argument("--adversarial-db", default="memory", choices=("memory", "file"),
                    help="adversarial: the server's database (default memory)")
+    p.add_argument("--backup-baseline", default="git",
+                   help="backup: the previous server to compare posting with (default: git show %s:chat_server.py, "
+                        "the last commit with EXCLUSIVE locking)" % BACKUP_BASELINE_COMMIT)
+    p.add_argument("--backup-post-clients", type=int, default=64, help="backup: posting clients, old vs new (64)")
+    p.add_argument("--backup-post-seconds", type=float, help="backup: each posting row, old vs new (default 3; quick 0.5)")
+    p.add_argument("--backup-rounds", type=int, help="backup: posting rows per server, alternating (default 3; quick 1)")
+    p.add_argument("--backup-db-mib", type=int, help="backup: the database copied (default 1024 MiB; quick 32)")
+    p.add_argument("--backup-clients", type=int, default=16,
+                   help="backup: posting clients while the backup and Litestream read the file (default 16)")
+    p.add_argument("--backup-seconds", type=float, help="backup: posting alone, and with Litestream x2 (default 3; quick 1)")
     p.add_argument("--batch", type=int, default=PARK_BATCH, help="connections per parking batch")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     a = p.parse_args(argv)
@@ -3438,6 +3745,13 @@ def main(argv=None):
     ctx.adv_parts = [x for x in a.adversarial_parts.split(",") if x in ("polls", "streams", "order")]
     ctx.adv_db = a.adversarial_db
     ctx.adv_order_bound = 20.0 if q else 60.0
+    ctx.backup_baseline = a.backup_baseline
+    ctx.backup_post_clients = max(1, a.backup_post_clients)
+    ctx.backup_post_seconds = a.backup_post_seconds or (0.5 if q else 3.0)
+    ctx.backup_rounds = max(1, a.backup_rounds or (1 if q else 3))
+    ctx.backup_db_mib = max(1, a.backup_db_mib or (32 if q else 1024))
+    ctx.backup_clients = max(1, a.backup_clients)
+    ctx.backup_seconds = a.backup_seconds or (1.0 if q else 3.0)
     biggest = max(ctx.fanout_sizes + ctx.wake_sizes + ctx.stream_sizes +
                   [ctx.idle_waiters, ctx.post_fanout, ctx.stream_rate_streams,
                    2 * ctx.shard_waiters if "shards" in a.only else 0,
@@ -3538,6 +3852,15 @@ def main(argv=None):
                         {"scenario": "shards", "shards": k, "clients": ctx.shard_clients,
                          "seconds": ctx.shard_seconds, "rooms": len(SHARD_ROOMS), "waiters": ctx.shard_waiters},
                         scenario_shards, ctx, k, block, commands)
+            elif sc == "backup":
+                run("backup: posting at %d clients on the file store, this server against %s's (EXCLUSIVE "
+                    "locking), %d rounds" % (ctx.backup_post_clients, BACKUP_BASELINE_COMMIT, ctx.backup_rounds),
+                    {"scenario": "backup", "part": "posting", "clients": ctx.backup_post_clients},
+                    scenario_backup_posting, ctx)
+                run("backup: posting at %d clients on a %d MiB database: alone, during a backup, during "
+                    "Litestream" % (ctx.backup_clients, ctx.backup_db_mib),
+                    {"scenario": "backup", "part": "latency", "clients": ctx.backup_clients,
+                     "db_mib": ctx.backup_db_mib}, scenario_backup_latency, ctx)
             elif sc == "adversarial":
                 sizes = {"polls": ctx.adv_polls, "streams": ctx.adv_streams, "order": ctx.adv_readers}
                 what = {"polls": "%d non-reading polls on distinct (after, limit), a burst of 64 x 10,000 '\"'",
