@@ -18,6 +18,7 @@ How the pieces fit (in the order data flows through this file):
                          and the OwnerLock that lets one server own a file
     Backup               an online copy of a running server's database
     Waiter registry      parked polls and open event streams, one Event each
+    Presence             who follows each room (polls, streams), for /rooms/<room>/presence
     Housekeeper          one thread: hang-ups, heartbeats, pruning, WAL checkpoints
     HTTP server          ChatServer, its thread pool, and the fan-out writer: a post
                          writes the shared answer to every parked socket itself
@@ -222,8 +223,6 @@ UPKEEP_INTERVAL_S = 30.0
 BUSY_TIMEOUT_S = 5.0
 #: After a checkpoint the WAL file is cut back to this size when it is next reset.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
-#: Pages copied per step by the backup command; between steps the server's posts go on.
-BACKUP_STEP_PAGES = 4096
 #: Rows deleted per transaction when pruning, and the pause between two, so posts are
 #: never held up for long.
 PRUNE_BATCH_ROWS = 500
@@ -523,14 +522,21 @@ MESSAGE_OVERHEAD_BYTES = 480
 
 
 class Message:
-    """One chat message and its JSON encoding, made once and shared by every answer."""
+    """One chat message and its JSON encoding, made once and shared by every answer.
 
-    __slots__ = ("id", "room", "created_at", "author", "body", "client", "user", "json", "size",
-                 "stored", "error", "lead", "opens_room")
+    The log is append-only: an edit or a delete is a later message that names an
+    earlier one (`edits`, `deletes`), and the earlier one is then kept as it is now:
+    with its new body and `edited_at`, or erased (`deleted`, no author, no body).
+    """
 
-    def __init__(self, id, room, created_at, author, body, client=None, user=None):
+    __slots__ = ("id", "room", "created_at", "author", "body", "client", "user", "edits", "deletes",
+                 "edited_at", "deleted", "json", "size", "stored", "error", "lead", "opens_room")
+
+    def __init__(self, id, room, created_at, author, body, client=None, user=None, edits=None, deletes=None,
+                 edited_at=None, deleted=False):
         self.id, self.room, self.created_at = id, room, created_at
         self.author, self.body, self.client, self.user = author, body, client, user
+        self.edits, self.deletes, self.edited_at, self.deleted = edits, deletes, edited_at, bool(deleted)
         self.json = JSON_ENCODER.encode(self.as_dict()).encode()
         self.size = len(self.json) + sys.getsizeof(body) + MESSAGE_OVERHEAD_BYTES + (
             sys.getsizeof(author) if author else 0)
@@ -540,8 +546,26 @@ class Message:
         self.opens_room = False
 
     def as_dict(self):
-        return {"id": self.id, "room": self.room, "created_at": self.created_at,
-                "author": self.author, "body": self.body, "client": self.client, "user": self.user}
+        if self.deleted:
+            return {"id": self.id, "room": self.room, "created_at": self.created_at, "deleted": True}
+        message = {"id": self.id, "room": self.room, "created_at": self.created_at, "author": self.author,
+                   "body": self.body if not self.deletes else None, "client": self.client, "user": self.user}
+        if self.edits:
+            message["edits"] = self.edits
+        elif self.deletes:
+            message["deletes"] = self.deletes
+        if self.edited_at:
+            message["edited_at"] = self.edited_at
+        return message
+
+    def edited(self, edit):
+        """This message as `edit` (a later message that edits it) leaves it."""
+        return Message(self.id, self.room, self.created_at, self.author, edit.body, self.client, self.user,
+                       self.edits, self.deletes, edit.created_at)
+
+    def erased(self):
+        """This message deleted: its id and time stay, its author and text go."""
+        return Message(self.id, self.room, self.created_at, None, "", None, None, self.edits, None, None, True)
 
 
 def encode_list(messages):
@@ -602,6 +626,9 @@ class MessageStore:
         self._closing = False
         self._rooms = {}        # name -> Room, the one with the oldest post first
         self._room_count = 0    # rooms in _rooms
+        # Every room with messages: [count, newest id, its created_at], kept where messages
+        # are written and removed, so listing the rooms never scans the messages.
+        self._summaries = database.room_summaries() if database else {}
         self._opening = {}      # room -> posts queued that would open it
         self._pending = []      # messages waiting for the group commit
         self._committing = False
@@ -615,9 +642,10 @@ class MessageStore:
 
     # -- writing --
 
-    def add(self, room_name, body, author=None, client=None, user=None):
+    def add(self, room_name, body, author=None, client=None, user=None, edits=None, deletes=None):
         """Store a message and return it once it is visible (`user`: the verified id of its
-        poster, whose name is `author`; None for an anonymous post).
+        poster, whose name is `author`; None for an anonymous post).  With `edits` or
+        `deletes` (an earlier message's id, checked by the caller) it is an edit or delete.
 
         RoomLimitReached if it would open a room past max_rooms; StorageError if the
         database could not take it (nothing is then stored, and no room is opened).
@@ -631,7 +659,7 @@ class MessageStore:
             if opens and room_name not in self._opening and \
                     self._room_count + len(self._opening) >= self.max_rooms and not self._retire_quietest_room():
                 raise RoomLimitReached(self.max_rooms)
-            message = Message(self._clock.next_id(), room_name, created_at, author, body, tag, user)
+            message = Message(self._clock.next_id(), room_name, created_at, author, body, tag, user, edits, deletes)
             if self.database is None:
                 self._publish([message])
                 return message
@@ -710,12 +738,17 @@ class MessageStore:
                 self._room_count += 1
             if room.ids and room.ids[-1] >= message.id:
                 continue        # already loaded from the database
+            if message.edits or message.deletes:
+                self._apply_relation(room, message)
             if room not in touched:
                 del self._rooms[room.name]      # to the end: the rooms stay in order of their last post
                 self._rooms[room.name] = room
                 room.active = time.monotonic()
             room.ids.append(message.id)
             room.messages.append(message)
+            summary = self._summaries.setdefault(room.name, [0, None, None])
+            summary[0] += 1
+            summary[1], summary[2] = message.id, message.created_at
             self.bytes += message.size
             self.latest = message.id
             self.posts += 1
@@ -735,12 +768,46 @@ class MessageStore:
         room.dropped += count
         self.dropped += count
         del room.ids[:count], room.messages[:count]
+        if self.database is None:       # with a database they are still there, and counted
+            self._summaries[room.name][0] -= count
         if not room.ids and self.database is None:
             # Nothing left of it: it stops counting against max_rooms, and cursors from
             # before what it lost still get 410 (see newer()).
             del self._rooms[room.name]
+            del self._summaries[room.name]
             self._room_count -= 1
             self._forgotten = max(self._forgotten or room.gone, room.gone)
+
+    def _apply_relation(self, room, message):
+        # Called with self._lock held: the messages in memory become what the database
+        # made them in the same commit (Database._apply_relations).
+        target = message.edits or message.deletes
+        for index in range(len(room.ids) - 1, -1, -1):
+            old = room.messages[index]
+            if old.id == target and message.edits and not old.deleted:
+                new = old.edited(message)
+            elif message.deletes and (old.id == target or old.edits == target) and not old.deleted:
+                new = old.erased()
+            else:
+                continue
+            room.messages[index] = new
+            self.bytes += new.size - old.size
+            if old.id == target and message.edits:
+                break
+
+    def message(self, room_name, message_id):
+        """The message `message_id` of the room as it is now, or None if the room has no such message."""
+        with self._lock:
+            room = self._rooms.get(room_name)
+            if room is not None:
+                index = bisect.bisect_left(room.ids, message_id)
+                if index < len(room.ids) and room.ids[index] == message_id:
+                    return room.messages[index]
+                if room.evicted is None or message_id > room.evicted or self.database is None:
+                    return None
+            elif self.database is None:
+                return None
+        return self.database.message(room_name, message_id)
 
     def _retire_quietest_room(self):
         # Called with self._lock held, at max_rooms: the room quiet for longest leaves
@@ -836,6 +903,44 @@ class MessageStore:
             return within_answer(self.database.read_newest(room_name, latest, limit), newest=True)
         return within_answer(self.database.read(room_name, after, latest, limit))
 
+    def older(self, room_name, before, limit):
+        """Up to `limit` messages of the room with id < `before`, oldest first, within
+        MAX_ANSWER_BYTES (the ones nearest `before` kept).
+
+        [] at the start of the room; CursorGone if what is older was removed (pruned, or
+        left memory without a database); CursorAhead if `before` is newer than any id
+        this server has issued.
+        """
+        with self._lock:
+            latest = self.latest
+            if latest is None or before > latest:
+                raise CursorAhead(latest)
+            room = self._rooms.get(room_name)
+            if room is not None:
+                end = bisect.bisect_left(room.ids, before)
+                if end >= limit or room.evicted is None or self.database is None:
+                    if not end and room.gone is not None:
+                        raise CursorGone(room.ids[0] if room.ids else None)
+                    return within_answer(room.messages[max(0, end - limit):end], newest=True)
+            elif self.database is None:
+                if self._forgotten is not None:
+                    raise CursorGone(None)
+                return []
+        messages = self.database.read_older(room_name, before, limit)
+        if not messages and self.database.floor(room_name) is not None:
+            raise CursorGone(self.database.oldest_id(room_name))
+        return within_answer(messages, newest=True)
+
+    def rooms(self, readable, limit):
+        """The rooms with messages for which readable(name) is true, newest activity first, at
+        most `limit`: [{"name", "latest", "count", "last_activity"}]."""
+        with self._lock:
+            found = [(summary[1], name, summary) for name, summary in self._summaries.items()
+                     if summary[0] > 0 and readable(name)]
+        found.sort(reverse=True)
+        return [{"name": name, "latest": summary[1], "count": summary[0], "last_activity": summary[2]}
+                for _, name, summary in found[:limit]]
+
     def newest_in(self, room_name):
         """The newest id of a room that a reader can see (None if it has none in memory)."""
         with self._lock:
@@ -886,10 +991,15 @@ class MessageStore:
                     del self._rooms[name]
                     self._room_count -= 1
 
-    def _drop_to_floor(self, name, floor):
+    def _drop_to_floor(self, name, floor, removed):
         # The database has just committed `floor` for the room: memory forgets the same
         # messages at once, before their rows are deleted.
         with self._lock:
+            summary = self._summaries.get(name)
+            if summary is not None:
+                summary[0] -= removed
+                if summary[0] <= 0:
+                    del self._summaries[name]
             room = self._rooms.get(name)
             if room is None:
                 return
@@ -939,16 +1049,36 @@ class Database:
             author TEXT,
             body TEXT NOT NULL,
             client TEXT,                    -- the poster's client tag (version 2)
-            user TEXT                       -- the poster's verified user id (version 3)
+            user TEXT,                      -- the poster's verified user id (version 3)
+            edits TEXT,                     -- the message this one edits, or deletes (version 3)
+            deletes TEXT,
+            edited_at TEXT,                 -- this message as edited: when (version 3)
+            deleted INTEGER                 -- this message erased: 1 (version 3)
         ) WITHOUT ROWID;
         CREATE INDEX messages_by_room ON messages (room, id);
         CREATE TABLE rooms (
             name TEXT PRIMARY KEY,
-            floor TEXT                      -- newest id pruned from this room
+            floor TEXT,                     -- newest id pruned from this room
+            count INTEGER NOT NULL DEFAULT 0,   -- messages above the floor (version 3)
+            latest TEXT,                    -- its newest message's id and time (version 3)
+            last_activity TEXT
         ) WITHOUT ROWID;
     """
-    MIGRATIONS = {1: "ALTER TABLE messages ADD COLUMN client TEXT",
-                  2: "ALTER TABLE messages ADD COLUMN user TEXT"}
+    MIGRATIONS = {1: ["ALTER TABLE messages ADD COLUMN client TEXT"],
+                  2: ["ALTER TABLE messages ADD COLUMN user TEXT",
+                      "ALTER TABLE messages ADD COLUMN edits TEXT",
+                      "ALTER TABLE messages ADD COLUMN deletes TEXT",
+                      "ALTER TABLE messages ADD COLUMN edited_at TEXT",
+                      "ALTER TABLE messages ADD COLUMN deleted INTEGER",
+                      "ALTER TABLE rooms ADD COLUMN count INTEGER NOT NULL DEFAULT 0",
+                      "ALTER TABLE rooms ADD COLUMN latest TEXT",
+                      "ALTER TABLE rooms ADD COLUMN last_activity TEXT",
+                      "INSERT OR IGNORE INTO rooms (name) SELECT DISTINCT room FROM messages",
+                      # Counted once, here; from now on where the messages are written.
+                      "UPDATE rooms SET count = (SELECT count(*) FROM messages WHERE room = rooms.name "
+                      "AND id > coalesce(rooms.floor, '')), latest = (SELECT max(id) FROM messages "
+                      "WHERE room = rooms.name AND id > coalesce(rooms.floor, ''))",
+                      "UPDATE rooms SET last_activity = (SELECT created_at FROM messages WHERE id = rooms.latest)"]}
 
     def __init__(self, path):
         if sqlite3 is None:
@@ -1038,7 +1168,8 @@ class Database:
                         conn.execute(statement)
             else:
                 for step in range(version, self.SCHEMA_VERSION):
-                    conn.execute(self.MIGRATIONS[step])
+                    for statement in self.MIGRATIONS[step]:
+                        conn.execute(statement)
             conn.execute("PRAGMA user_version=%d" % self.SCHEMA_VERSION)   # a real write
             conn.execute("COMMIT")
             if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
@@ -1094,18 +1225,45 @@ class Database:
         if self.version < self.SCHEMA_VERSION:
             raise StorageError("the database could not be upgraded when the server started (%s); "
                                "restart the server once the file can be written" % self.unwritable)
-        rows = [(m.id, m.room, m.created_at, m.author, m.body, m.client, m.user) for m in messages]
-        rooms = [(name,) for name in {m.room for m in messages}]
+        rows = [(m.id, m.room, m.created_at, m.author, m.body, m.client, m.user, m.edits, m.deletes, None, None)
+                for m in messages]
+        rooms = {}
+        for m in messages:      # in id order: the last one of a room is its newest
+            rooms[m.room] = (rooms.get(m.room, (0,))[0] + 1, m.id, m.created_at, m.room)
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                self._conn.executemany("INSERT OR IGNORE INTO rooms (name) VALUES (?)", rooms)
+                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._apply_relations(messages)
+                self._conn.executemany("INSERT OR IGNORE INTO rooms (name) VALUES (?)", [(n,) for n in rooms])
+                self._conn.executemany("UPDATE rooms SET count = count + ?, latest = ?, last_activity = ? "
+                                       "WHERE name = ?", list(rooms.values()))
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
                 raise StorageError(str(exc)) from None
             self.unwritable = None
+
+    def _apply_relations(self, messages):
+        # In the transaction that stores them: an edit gives the message it edits its new
+        # body; a delete erases the message (and its edits, which hold its old texts).
+        for m in messages:
+            if m.edits:
+                self._conn.execute("UPDATE messages SET body = ?, edited_at = ? WHERE id = ? AND deleted IS NULL",
+                                   (m.body, m.created_at, m.edits))
+            elif m.deletes:
+                self._conn.execute("UPDATE messages SET body = '', author = NULL, client = NULL, user = NULL, "
+                                   "edited_at = NULL, deleted = 1 WHERE id = ? OR edits = ?", (m.deletes, m.deletes))
+
+    def message(self, room, message_id):
+        """The message `message_id` of `room` as it is now, or None."""
+        rows = self._query("SELECT %s FROM messages WHERE %s AND id = ?" % (self._columns, self.KEPT), (room, message_id))
+        return Message(*rows[0]) if rows else None
+
+    def room_summaries(self):
+        """{room: [messages, newest id, its created_at]} of every room with messages."""
+        return {name: [count, latest, activity] for name, count, latest, activity in
+                self._query("SELECT name, count, latest, last_activity FROM rooms WHERE count > 0")}
 
     def last_id(self):
         rows = self._query("SELECT max(id) FROM messages UNION ALL SELECT max(floor) FROM rooms")
@@ -1138,6 +1296,11 @@ class Database:
                            "ORDER BY id LIMIT ?" % (self._columns, self.KEPT), (room, after or "", upto or "", limit))
         return [Message(*row) for row in rows]
 
+    def read_older(self, room, before, limit):
+        rows = self._query("SELECT %s FROM messages WHERE %s AND id < ? ORDER BY id DESC LIMIT ?"
+                           % (self._columns, self.KEPT), (room, before, limit))
+        return [Message(*row) for row in reversed(rows)]
+
     def read_newest(self, room, upto, limit):
         rows = self._query("SELECT %s FROM messages WHERE %s AND id <= ? ORDER BY id DESC LIMIT ?"
                            % (self._columns, self.KEPT), (room, upto or "", limit))
@@ -1165,8 +1328,11 @@ class Database:
                 if rows[0][0] and (cut is None or rows[0][0] > cut):
                     cut = rows[0][0]
             if cut:
-                self._write("UPDATE rooms SET floor = ? WHERE name = ?", (cut, name))
-                on_floor(name, cut)
+                # Inserts only add ids above the newest, so this count holds until the floor moves.
+                removed = self._query("SELECT count(*) FROM messages WHERE room = ? AND id <= ? AND id > "
+                                      "coalesce((SELECT floor FROM rooms WHERE name = ?), '')", (name, cut, name))[0][0]
+                self._write("UPDATE rooms SET floor = ?, count = count - ? WHERE name = ?", (cut, removed, name))
+                on_floor(name, cut, removed)
                 while self._write("DELETE FROM messages WHERE room = ? AND id IN (SELECT id FROM messages "
                                   "WHERE room = ? AND id <= ? ORDER BY id LIMIT ?)",
                                   (name, name, cut, PRUNE_BATCH_ROWS)) == PRUNE_BATCH_ROWS and not stopping():
@@ -1215,8 +1381,10 @@ class Database:
                         self._conn.execute("SELECT 1 FROM rooms WHERE name = ?", (room,)).fetchall():
                     raise StorageError("%s already has room %r; nothing was imported" % (self.path, room))
                 self._conn.execute("BEGIN IMMEDIATE")
-                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                self._conn.execute("INSERT INTO rooms (name, floor) VALUES (?, ?)", (room, floor))
+                self._conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._conn.execute("INSERT INTO rooms (name, floor, count, latest, last_activity) VALUES (?, ?, ?, ?, ?)",
+                                   (room, floor, len(rows), rows[-1][0] if rows else None,
+                                    rows[-1][2] if rows else None))
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -1236,8 +1404,9 @@ class Database:
 
 def message_columns(version):
     """The columns of a Message, as a file of schema `version` has them (NULL where it has not)."""
-    return "id, room, created_at, author, body, %s, %s" % ("client" if version >= 2 else "NULL",
-                                                            "user" if version >= 3 else "NULL")
+    return "id, room, created_at, author, body, %s, %s" % (
+        "client" if version >= 2 else "NULL",
+        "user, edits, deletes, edited_at, deleted" if version >= 3 else "NULL, NULL, NULL, NULL, NULL")
 
 
 def read_room_from(path, room):
@@ -1463,7 +1632,7 @@ class Waiter:
     """
 
     __slots__ = ("room", "after", "limit", "connection", "fd", "view_args", "event", "outcome",
-                 "unsent", "held", "stream", "live", "lock", "last_write")
+                 "unsent", "held", "stream", "live", "lock", "last_write", "presence")
 
     def __init__(self, room, after, limit, connection, sock, stream=False):
         self.room, self.after, self.limit, self.connection = room, after, limit, connection
@@ -1477,6 +1646,7 @@ class Waiter:
         self.live = False           # a stream: caught up, so posts write to it
         self.lock = threading.Lock() if stream else None
         self.last_write = time.monotonic()
+        self.presence = False       # a stream that asked for presence events (?presence=1)
 
     def send_nowait(self, data):
         """Write as much of `data` as the socket takes now; the rest is left in `unsent`.
@@ -1594,6 +1764,100 @@ class WaiterRegistry:
 
 
 # ---------------------------------------------------------------------------
+# Presence
+# ---------------------------------------------------------------------------
+
+#: A poll counts as present for its wait and this long after it (a client between two
+#: polls must not flicker away); an open stream counts as long as it is open.
+PRESENCE_GRACE_S = 15.0
+#: Followers remembered at once, over all rooms; past it a new one is not counted.
+MAX_PRESENCE_ENTRIES = 100000
+#: Streams are told of a room's presence at most this often.
+PRESENCE_EVENT_INTERVAL_S = 1.0
+
+
+class Presence:
+    """Who follows each room: a parked poll, an open stream, or a poll answered less than its
+    timeout + PRESENCE_GRACE_S ago.
+
+    A follower is its user (identified users count once however many tabs they follow
+    from) or, for anonymous ones, its address and the name it gave with ?name= (not
+    verified: it is only shown).  Updated when a poll or stream starts, never by posts.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rooms = {}        # room -> {key: [user, name, expires, open streams]}
+        self._entries = 0
+        self.changed = set()    # rooms whose followers changed since the housekeeper last looked
+
+    def seen(self, room, key, user, name, until):
+        """A poll of `key` in `room`: present until `until` (a monotonic time)."""
+        with self._lock:
+            entry = self._entry(room, key, user, name)
+            if entry is not None and entry[2] < until:
+                entry[2] = until
+
+    def stream_opened(self, room, key, user, name):
+        with self._lock:
+            entry = self._entry(room, key, user, name)
+            if entry is not None:
+                entry[3] += 1
+
+    def stream_closed(self, room, key):
+        with self._lock:
+            entry = self._rooms.get(room, {}).get(key)
+            if entry is not None:
+                entry[3] -= 1
+                entry[2] = max(entry[2], time.monotonic() + PRESENCE_GRACE_S)
+
+    def _entry(self, room, key, user, name):
+        followers = self._rooms.setdefault(room, {})
+        entry = followers.get(key)
+        if entry is None:
+            if self._entries >= MAX_PRESENCE_ENTRIES:
+                return None
+            entry = followers[key] = [user, name, 0.0, 0]
+            self._entries += 1
+            self.changed.add(room)
+        elif entry[1] != name:
+            entry[1] = name
+            self.changed.add(room)
+        return entry
+
+    def forget_gone(self, now):
+        """Drop followers whose time is up (the housekeeper calls this each tick)."""
+        with self._lock:
+            for room in list(self._rooms):
+                followers = self._rooms[room]
+                gone = [key for key, entry in followers.items() if entry[3] <= 0 and entry[2] <= now]
+                for key in gone:
+                    del followers[key]
+                self._entries -= len(gone)
+                if gone:
+                    self.changed.add(room)
+                if not followers:
+                    del self._rooms[room]
+
+    def count(self, room):
+        with self._lock:
+            return len(self._rooms.get(room, ()))
+
+    def of(self, room):
+        """{"count": followers, "users": [{"user", "name"}]}: identified users, and anonymous
+        ones that gave a name, each once, by name."""
+        with self._lock:
+            followers = list(self._rooms.get(room, {}).values())
+        users = sorted({(entry[1], entry[0] or "") for entry in followers if entry[0] or entry[1]})
+        return {"count": len(followers), "users": [{"user": user or None, "name": name} for name, user in users]}
+
+    def take_changed(self):
+        with self._lock:
+            changed, self.changed = self.changed, set()
+            return changed
+
+
+# ---------------------------------------------------------------------------
 # Housekeeper
 # ---------------------------------------------------------------------------
 
@@ -1698,6 +1962,8 @@ class Housekeeper(threading.Thread):
         self._next_upkeep = now + HOUSEKEEPING_INTERVAL_S
         self.server.send_heartbeats(now)
         self.server.rate_limiter.forget_idle(now)
+        self.server.presence.forget_gone(now)
+        self.server.send_presence(now)
         if now >= self._next_storage_upkeep and not (self._storage_upkeep and self._storage_upkeep.is_alive()):
             # A prune of a large history takes seconds: on a thread of its own, so that
             # this one goes on noticing hang-ups and writing heartbeats meanwhile.
@@ -1908,6 +2174,8 @@ class ChatServer(ThreadingHTTPServer):
         self.config = config
         self.store = store
         self.registry = WaiterRegistry(config.max_waiters)
+        self.presence = Presence()
+        self._presence_sent = {}    # room -> when its streams were last told (monotonic)
         self.pool = WorkerPool()
         self.rate_limiter = RateLimiter(config.rate, config.burst)
         self.unsent = UnsentBudget(MAX_UNSENT_BYTES)
@@ -2166,22 +2434,42 @@ class ChatServer(ThreadingHTTPServer):
                         self.streams_cut += 1
                 stream.event.set()
 
-    def send_heartbeats(self, now):
-        """Write a comment line to every event stream that has been quiet for HEARTBEAT_S."""
-        slow = []
-        for stream in self.registry.all_streams():
-            if not stream.live or now - stream.last_write < HEARTBEAT_S:
+    def send_presence(self, now):
+        """Tell the streams that asked (?presence=1) who follows their room, where that changed,
+        at most once per PRESENCE_EVENT_INTERVAL_S per room."""
+        later = set()
+        for room in self.presence.take_changed():
+            if now - self._presence_sent.get(room, -math.inf) < PRESENCE_EVENT_INTERVAL_S:
+                later.add(room)
                 continue
+            self._presence_sent[room] = now
+            streams = [s for s in self.registry.streams_in(room) if s.presence]
+            if streams:
+                self._write_to_streams(streams, b"event: presence\ndata: %s\n" % json_bytes(self.presence.of(room)), now)
+        for room in set(self._presence_sent) - later:
+            if now - self._presence_sent[room] >= PRESENCE_EVENT_INTERVAL_S:
+                del self._presence_sent[room]       # forgotten once quiet, so the dict stays small
+        self.presence.changed.update(later)
+
+    def _write_to_streams(self, streams, data, now):
+        slow = []
+        for stream in streams:
             with stream.lock:
                 if not stream.live:
-                    continue        # ended since the list was made
-                failure = stream.send_all_nowait(b":\n\n")
+                    continue
+                failure = stream.send_all_nowait(data)
                 if failure is None:
                     stream.last_write = now
                 else:
                     stream.live = False
                     slow.append((stream, failure))
         self._end_streams(slow)
+
+    def send_heartbeats(self, now):
+        """Write a comment line to every event stream that has been quiet for HEARTBEAT_S."""
+        due = [s for s in self.registry.all_streams() if s.live and now - s.last_write >= HEARTBEAT_S]
+        if due:
+            self._write_to_streams(due, b":\n\n", now)
 
     # -- for programs that embed the server --
 
@@ -2825,6 +3113,17 @@ class AccessPolicy:
                             "clients may use only the rooms that --anonymous-rooms names)" % room,
                             headers={"WWW-Authenticate": bearer_challenge()})
 
+    def check_room_list(self, identity):
+        """HTTPError 401 unless `identity` (None: anonymous) may list rooms (those it may read)."""
+        if identity is None and self.token:
+            raise self._needs_token()
+
+    def may_read(self, identity, room):
+        """True if `identity` may read `room` (without an access rule, anyone may)."""
+        if identity is not None:
+            return identity.may("read", room)
+        return not self.identity_required or rooms_match(self.anonymous_rooms, room)
+
     def check_admin(self, identity):
         """HTTPError 401 or 403 unless `identity` may read /stats and /metrics."""
         if identity is not None and identity.admin:
@@ -3216,6 +3515,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         "/healthz": {"GET": "get_health"},
         "/stats": {"GET": "get_stats"},
         "/metrics": {"GET": "get_metrics"},
+        "/rooms": {"GET": "get_rooms"},
+        "/rooms/<room>/presence": {"GET": "get_presence"},
     }
     OPEN_PATHS = frozenset(("/", "/healthz"))      # answered without the token
 
@@ -3313,8 +3614,10 @@ class ChatHandler(BaseHTTPRequestHandler):
                 stream = route == "get_messages" and self._wants_stream()
                 self.identity = policy.identify(request, query.get("token") if stream else None,
                                                 self.client_address[0], self._warn)
-                if route in ("get_messages", "post_message"):
+                if route in ("get_messages", "post_message", "get_presence"):
                     policy.check_room(self.identity, room, "post" if route == "post_message" else "read")
+                elif route == "get_rooms":
+                    policy.check_room_list(self.identity)
                 else:
                     policy.check_admin(self.identity)
             if self.command != "POST" and not self._discard_body():
@@ -3349,8 +3652,10 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def _methods_for(self, path):
         """The route's {method: handler name} for a path, or None if it is not one of ours."""
-        if path.startswith("/rooms/") and path.endswith("/messages"):
-            return self.ROUTES["/rooms/<room>/messages"]
+        if path.startswith("/rooms/"):
+            for tail in ("/messages", "/presence"):
+                if path.endswith(tail):
+                    return self.ROUTES["/rooms/<room>" + tail]
         return self.ROUTES.get(path)
 
     @staticmethod
@@ -3374,7 +3679,7 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _room_of(self, path):
         if not path.startswith("/rooms/"):
             return DEFAULT_ROOM
-        name = path[len("/rooms/"):-len("/messages")]
+        name = path[len("/rooms/"):path.rindex("/")]
         if not ROOM_NAME.match(name):
             raise HTTPError(400, "room names are 1 to 64 letters, digits, '_', '-' or '.', "
                             "not starting with '.'; got %r" % name[:80])
@@ -3406,6 +3711,30 @@ class ChatHandler(BaseHTTPRequestHandler):
         self._respond(HTTPStatus.OK, prometheus_text(self.server.stats(), self.server.status_counts()),
                       "text/plain; version=0.0.4; charset=utf-8")
 
+    def get_rooms(self, room, query):
+        policy, identity = self.server.policy, self.identity
+        rooms = self.server.store.rooms(lambda name: policy.may_read(identity, name), self._limit(query, "limit"))
+        for found in rooms:
+            found["present"] = self.server.presence.count(found["name"])
+        self._send_json(HTTPStatus.OK, rooms)
+
+    def get_presence(self, room, query):
+        self._send_json(HTTPStatus.OK, self.server.presence.of(room))
+
+    def follower(self, query):
+        """(key, user, name) of this client as a follower, for presence: its user, or for an
+        anonymous client its address and the name it gave with ?name= (not verified)."""
+        identity = self.identity
+        if identity is not None and identity.user is not None:
+            return ("user", identity.user), identity.user, identity.name
+        name = query.get("name")
+        if name is not None:
+            name = name.strip() or None
+            if name and (len(name) > MAX_AUTHOR_CHARS or _NOT_IN_NAMES_OR_HALVES.search(name)):
+                raise HTTPError(400, "'name' must be one line of at most %d characters" % MAX_AUTHOR_CHARS)
+        address = self.client_address[0]
+        return ("anonymous", rate_key(address) or address, name), None, name
+
     def post_message(self, room, query):
         server = self.server
         if not self.req.chunked and "content-length" not in self.headers:
@@ -3424,26 +3753,71 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise HTTPError(400, "the name comes from your sign-in (%s); send no 'author', or that one"
                                 % self.identity.name)
             author, user = self.identity.name, self.identity.user
-        message = server.store.add(room, fields["body"], author, fields["client"], user)
+        if fields["edits"] or fields["deletes"]:
+            self._check_change(room, fields)
+        message = server.store.add(room, fields["body"], author, fields["client"], user, fields["edits"],
+                                   fields["deletes"])
         try:
             self._respond(HTTPStatus.CREATED, message.json + b"\n")
         finally:
             server.wake(room)  # even if the poster has gone, its message was stored
 
+    def _check_change(self, room, fields):
+        """HTTPError unless this client may make the edit or delete that `fields` asks for."""
+        target_id = fields["edits"] or fields["deletes"]
+        what = "edit" if fields["edits"] else "delete"
+        target = self.server.store.message(room, target_id)
+        if target is None:
+            raise HTTPError(404, "room %r has no message %s" % (room, target_id))
+        if target.edits or target.deletes:
+            raise HTTPError(400, "%s is itself an edit or a delete; %s the message it changes" % (target_id, what))
+        if target.deleted:
+            raise HTTPError(409, "message %s was deleted; it cannot be changed any more" % target_id)
+        identity = self.identity
+        if identity is not None and identity.admin:
+            return
+        if target.user is not None:
+            allowed = identity is not None and identity.user == target.user
+        else:
+            allowed = bool(fields["client"]) and client_tag(fields["client"]) == target.client
+        if not allowed:
+            raise HTTPError(403, "only the author of message %s (the same user, or for an anonymous message the same "
+                            "browser's 'client') or an admin may %s it" % (target_id, what))
+
     def get_messages(self, room, query):
         if self._wants_stream():
             return EventStream(self, room, query).run()
+        if "before" in query:
+            return self._send_older(room, query)
         after = self._cursor(query.get("after"), "after")
         timeout = min(self._number(query, "timeout", DEFAULT_TIMEOUT_S), self.server.config.max_timeout)
         newest = "tail" in query
         if newest and after is not None:
             raise HTTPError(400, "use 'after' or 'tail', not both")
         limit = self._limit(query, "tail" if newest else "limit")
+        if self.command == "GET":
+            key, user, name = self.follower(query)
+            self.server.presence.seen(room, key, user, name, time.monotonic() + timeout + PRESENCE_GRACE_S)
         messages = self.server.store.newer(room, after, limit, newest)
         # HEAD never waits; nor does a poll whose client already sent its next request.
         if messages or timeout <= 0 or self.command == "HEAD" or self.reader.buffer:
             return self.send_messages(messages)
         self._wait(room, after, limit, timeout)
+
+    def _send_older(self, room, query):
+        # Scroll-back: the page of messages just before an id; it never waits.
+        if "after" in query or "tail" in query:
+            raise HTTPError(400, "use 'before' alone, not with 'after' or 'tail'")
+        before = self._cursor(query.get("before"), "before")
+        if before is None:
+            raise HTTPError(400, "'before' must be the id of a message")
+        limit = self._limit(query, "limit")
+        try:
+            messages = self.server.store.older(room, before, limit)
+        except CursorGone as exc:
+            raise HTTPError(410, "the messages before this id are no longer kept; the oldest kept is 'oldest'",
+                            {"oldest": exc.oldest}) from None
+        self.send_messages(messages)
 
     def send_messages(self, messages):
         """Answer a poll with `messages`, fewer if the answers being written already fill MAX_UNSENT_BYTES."""
@@ -3718,11 +4092,21 @@ _NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\
 
 def _validate_fields(fields):
     body, author, client = fields.get("body"), fields.get("author"), fields.get("client")
-    if not isinstance(body, str):
+    edits, deletes = fields.get("edits"), fields.get("deletes")
+    for name, value in (("edits", edits), ("deletes", deletes)):
+        if value is not None and (not isinstance(value, str) or not _UUID_TEXT.match(value)):
+            raise HTTPError(400, "'%s' must be the id of a message of this room" % name)
+    if edits is not None and deletes is not None:
+        raise HTTPError(400, "a message either edits or deletes another, not both")
+    if deletes is not None:
+        if body not in (None, ""):
+            raise HTTPError(400, "a delete has no 'body'")
+        body = ""
+    elif not isinstance(body, str):
         raise HTTPError(400, "the message needs a 'body': send body=... as form data or JSON {\"body\": \"...\"}"
                         if body is None else "'body' must be a string, not %s" % type(body).__name__)
     body = body.replace("\r\n", "\n")     # a form's new lines; a lone CR is refused below
-    if not body.strip():
+    if not body.strip() and deletes is None:
         raise HTTPError(400, "'body' is empty")
     if _SURROGATE.search(body):
         raise HTTPError(400, "'body' contains a lone surrogate escape (\\ud800-\\udfff), which is not text")
@@ -3740,7 +4124,8 @@ def _validate_fields(fields):
     if client is not None and (not isinstance(client, str) or not CLIENT_ID.match(client)):
         raise HTTPError(400, "'client' must be %d to %d letters, digits, '-' or '_'"
                         % (MIN_CLIENT_CHARS, MAX_CLIENT_CHARS))
-    return {"body": body, "author": author, "client": client}
+    return {"body": body, "author": author, "client": client, "edits": edits and edits.lower(),
+            "deletes": deletes and deletes.lower()}
 
 
 # ---------------------------------------------------------------------------
@@ -3796,11 +4181,14 @@ class EventStream:
             raise HTTPError(400, "use 'after' or 'tail', not both")
         tail = handler._limit(self.query, "tail") if tail is not None else None
         handler.close_connection = True
+        key, user, name = handler.follower(self.query)
         waiter = Waiter(self.room, cursor, MAX_LIMIT, "close", handler.connection, stream=True)
+        waiter.presence = self.query.get("presence") == "1"
         if not server.registry.park(waiter):
             raise HTTPError(503, "too many clients are waiting (--max-waiters %d); try again shortly"
                             % server.registry.max_waiters, headers={"Retry-After": str(RETRY_AFTER_S)})
         server.housekeeper.watch(waiter)
+        server.presence.stream_opened(self.room, key, user, name)
         try:
             handler._send_bytes(self._head())
             if reset:
@@ -3825,6 +4213,7 @@ class EventStream:
                 waiter.live = False
             server.housekeeper.unwatch(waiter)
             server.registry.claim(waiter)
+            server.presence.stream_closed(self.room, key)
         handler.log_request(HTTPStatus.OK)
 
     def _head(self):
@@ -4140,7 +4529,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     }
   };
 
-  // A sign-in link, http://host/#token=<jwt>: a fragment never reaches a server log or a
+  // A sign-in link (the page address with #token=<jwt>): a fragment never reaches a server log or a
   // Referer. The token moves to this tab's sessionStorage and out of the address bar; it
   // is sent as the Authorization header, and the name on our posts is the one it carries.
   const session = {

@@ -24,6 +24,9 @@ pins down one behaviour:
                          machine loses only the stated window; a shard moves to a new machine
                          behind the README's sharded nginx)
     Waiter registry      WaiterLimitTest
+    Rooms, scroll-back, presence and edits
+                         RoomListTest (GET /rooms), ScrollBackTest (?before=), PresenceTest,
+                         EditDeleteTest
     Housekeeper          VanishingClientTest, UpkeepThreadTest
     HTTP server          ConnectionLimitTest, UnsentBudgetTest, FanOutMemoryTest (what clients
                          on distinct cursors can make a fan-out hold), FanOutIsolationTest
@@ -36,6 +39,7 @@ pins down one behaviour:
                          QueryTokenTest, RateLimitTest, RateLimitKeyTest
     Identity             TokenVerifierTest (RFC 7515's example, RFC 8725's attacks),
                          SignedTokenTest (401/403 over HTTP), SharedTokenWithIdentityTest,
+                         SignedTokenShapeTest (tokens as PyJWT and Node's jsonwebtoken make them),
                          ProxyUserTest (--user-header), TokenCommandTest, UserColumnMigrationTest
     HTTP handler         PostTest, PostBodyTest, GetTest, RoomTest, MethodTest, ErrorTest,
                          HeadersTest
@@ -47,10 +51,14 @@ pins down one behaviour:
     Command line         CommandLineTest, FlagsTest, ImportRoomTest
     Client               FollowCommandTest, PostCommandTest, EmbeddingTest, PythonVersionTest
     Deployments run from the README
-                         NginxDeploymentTest (the README's nginx and systemd configurations)
+                         NginxDeploymentTest (the README's nginx and systemd configurations),
+                         NginxAuthRequestTest (the README's auth_request recipe: the user comes
+                         from the site's auth service, nginx binding 127.0.0.2)
     The README's own examples
-                         ReadmeTranscriptTest, ReadmeClientsTest, ReadmeJavaScriptClientTest
-                         (in Chromium), ReadmeCoverageTest
+                         ReadmeTranscriptTest (also the follow and post commands),
+                         ReadmeClientsTest (the loops, run as programs), ReadmeJavaScriptClientTest
+                         (in Chromium), ReadmePythonExamplesTest (Client, embedding),
+                         ReadmeCoverageTest
     Benchmarks           BenchmarkTest (bench/bench.py --quick)
 
 New capabilities get their section beside their code: identity after Access policy;
@@ -72,7 +80,8 @@ virtual environment, .ci/.venv-litestream, which it names in $CHAT_LITESTREAM):
     Deployments, and FramingTableTest's    nginx and openssl; FramingTableTest's own table
       check of nginx's recorded answers    still runs without nginx
     The README's transcripts and loops     curl and bash (transcripts), curl and jq (the
-                                           shell loop); CommandLineTest's curl test too
+                                           shell loop), Node 18 or later (the JavaScript loop
+                                           as a program); CommandLineTest's curl test too
     FullDiskTest, ReadOnlyMountTest        Linux and root, to mount a small tmpfs
     UnsentBudgetTest, FanOutMemoryTest     /proc, to read the process's memory
     LitestreamTest                         litestream: $CHAT_LITESTREAM, else on PATH, else
@@ -342,7 +351,7 @@ class MangledRequests:
             line = rng.choice(lines)
             return data.replace(line + b"\r\n", (line + b"\r\n") * rng.choice([2, 3, 150]), 1)
         if kind == 5:
-            return re.sub(rb"Content-Length: [^\r]*", b"Content-Length: " + rng.choice(self.LENGTHS), data, 1)
+            return re.sub(rb"Content-Length: [^\r]*", b"Content-Length: " + rng.choice(self.LENGTHS), data, count=1)
         if kind == 6:
             size = rng.choice([chat_server.MAX_HEADER_LINE_BYTES - 20, chat_server.MAX_HEADER_LINE_BYTES,
                                chat_server.MAX_HEADER_LINE_BYTES + 1, chat_server.MAX_HEADER_BYTES + 10])
@@ -633,6 +642,22 @@ def _mount_small_filesystem(test, size_kib):
 
 # -- the README, and the programs it names: nginx, openssl --
 
+def _node_18():
+    """The path of Node.js if it is version 18 or later (it has fetch), else None."""
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        return None
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.match(r"v(\d+)\.", version)
+    return node if match and int(match.group(1)) >= 18 else None
+
+
+NODE_18 = _node_18()
+
+
 def readme_text():
     """README.md, as text."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
@@ -667,24 +692,30 @@ def readme_transcripts():
 
 
 UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+JWT_TEXT = re.compile(r"eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]{43}")
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 
 
 class OutputMatcher:
     """Compares what a command printed with what the README shows, and learns the ids it stands for.
 
-    Values that differ from run to run (ids, times, the retry delay) are compared by their shape;
-    each id shown in the README is mapped to the real id it stands for, so later commands can use
-    the ids the reader got."""
+    Values that differ from run to run (ids, times, the retry delay, signed tokens) are compared by
+    their shape; each id and token shown in the README is mapped to the real one it stands for, so
+    later commands can use the ids and tokens the reader got.  A second server (the README's on
+    8081) runs on `second_port`."""
 
-    def __init__(self, test, port):
-        self.test, self.port, self.ids = test, port, {}
+    def __init__(self, test, port, second_port=None):
+        self.test, self.port, self.second_port, self.ids = test, port, second_port, {}
 
     def command(self, text):
-        """The README's command as it runs here: this Python, this port, the ids of this run."""
+        """The README's command as it runs here: this Python, these ports, the ids and tokens of this run."""
         text = UUID_TEXT.sub(lambda m: self.ids.get(m.group(), m.group()), text)
+        text = JWT_TEXT.sub(lambda m: self.ids.get(m.group(), m.group()), text)
         text = text.replace("localhost:8080", "localhost:%d" % self.port)
-        return re.sub(r"^python3 ", shlex.quote(sys.executable) + " ", text)
+        if self.second_port:
+            text = text.replace("localhost:8081", "localhost:%d" % self.second_port)
+        # python3 at the start, or after a pipe (`echo ... | python3 chat_server.py post ...`).
+        return re.sub(r"(^|\| )python3 ", lambda m: m.group(1) + shlex.quote(sys.executable) + " ", text)
 
     def value(self, shown, got, where):
         if isinstance(shown, dict):
@@ -722,7 +753,14 @@ class OutputMatcher:
             self.test.assertIsNotNone(email.utils.parsedate_to_datetime(got[6:]), where)
         elif shown.startswith("retry: "):
             self.test.assertRegex(got, r"^retry: \d+$", where)
+        elif UUID_TEXT.fullmatch(shown):       # the id `python3 chat_server.py post` prints
+            self.learn(shown, got, where)
+        elif JWT_TEXT.fullmatch(shown):
+            self.test.assertRegex(got, JWT_TEXT, where)
+            self.test.assertEqual(self.ids.setdefault(shown, got), got, "%s: one token shown for two" % where)
         else:
+            if self.second_port:
+                shown = shown.replace(":8081/", ":%d/" % self.second_port)
             self.test.assertEqual(shown.replace(":8080/", ":%d/" % self.port), got, where)
 
     def output(self, command, shown, got):
@@ -2594,6 +2632,262 @@ class WaiterLimitTest(ServerTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Rooms, scroll-back, presence, edits
+# ---------------------------------------------------------------------------
+
+class RoomListTest(DatabaseServerTestCase):
+    """GET /rooms: the rooms a client may read, newest activity first, from memory and the database alike."""
+
+    def test_rooms_with_their_newest_id_count_and_activity(self):
+        ids = {}
+        for room, count in (("a", 3), ("b", 1), ("c", 2)):
+            for i in range(count):
+                ids[room] = self.post("%s%d" % (room, i), room=room)
+        status, _, rooms = self.request("GET", "/rooms")
+        self.assertEqual(status, 200)
+        self.assertEqual([(r["name"], r["count"], r["latest"], r["last_activity"], r["present"]) for r in rooms],
+                         [(name, count, ids[name]["id"], ids[name]["created_at"], 0) for name, count in
+                          (("c", 2), ("b", 1), ("a", 3))])
+        self.assertEqual([r["name"] for r in self.request("GET", "/rooms?limit=2")[2]], ["c", "b"])
+        self.assertEqual(self.request("GET", "/rooms?limit=0")[0], 400)
+        self.restart()      # after a restart, from the database, nothing scanned
+        self.assertEqual(self.request("GET", "/rooms")[2], rooms)
+        self.server.store.prune(retain_count=1, retain_days=0)
+        self.assertEqual([(r["name"], r["count"]) for r in self.request("GET", "/rooms")[2]],
+                         [("c", 1), ("b", 1), ("a", 1)])
+
+    def test_the_memory_store_lists_its_rooms_too(self):
+        server = self.start_server()
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        self.post("x", room="solo", conn=conn)
+        self.assertEqual([(r["name"], r["count"]) for r in self.request("GET", "/rooms", conn=conn)[2]], [("solo", 1)])
+
+    def test_a_token_lists_only_the_rooms_it_may_read(self):
+        server = self.start_server(jwt_secret=SECRET, anonymous_rooms=["lobby"])
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        admin = {"Authorization": "Bearer " + signed_token(claims_for(admin=True))}
+        for room in ("team-a", "team-b", "lobby", "secret"):
+            self.post("x", room=room, conn=conn, headers=admin)
+        reader = {"Authorization": "Bearer " + signed_token(claims_for(rooms={"read": ["team-*"], "post": []}))}
+        self.assertEqual(sorted(r["name"] for r in self.request("GET", "/rooms", headers=reader, conn=conn)[2]),
+                         ["team-a", "team-b"])
+        self.assertEqual([r["name"] for r in self.request("GET", "/rooms", conn=conn)[2]], ["lobby"])
+
+    def test_a_version_2_file_gets_its_room_counts_once(self):
+        path = os.path.join(self.tmp.name, "v2.db")
+        conn = sqlite3.connect(path)
+        conn.executescript("""
+            CREATE TABLE messages (id TEXT PRIMARY KEY, room TEXT NOT NULL, created_at TEXT NOT NULL,
+                                   author TEXT, body TEXT NOT NULL, client TEXT) WITHOUT ROWID;
+            CREATE INDEX messages_by_room ON messages (room, id);
+            CREATE TABLE rooms (name TEXT PRIMARY KEY, floor TEXT) WITHOUT ROWID;
+            INSERT INTO messages VALUES ('01a22864-6e9e-739d-8258-3eb967002535', 'old', '2026-11-29T17:40:00.286Z',
+                                         'ann', 'one', NULL);
+            INSERT INTO messages VALUES ('01a22864-6e9f-739d-8258-3eb967002535', 'old', '2026-11-29T17:40:00.287Z',
+                                         'ann', 'two', NULL);
+            PRAGMA user_version=2;""")
+        conn.close()
+        server = self.start_server(db=path)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        self.assertEqual(self.request("GET", "/rooms", conn=conn)[2],
+                         [{"name": "old", "latest": "01a22864-6e9f-739d-8258-3eb967002535", "count": 2,
+                           "last_activity": "2026-11-29T17:40:00.287Z", "present": 0}])
+
+
+class ScrollBackTest(DatabaseServerTestCase):
+    """?before=<id>: the page of messages just before an id, oldest first, never waiting; 410 past the oldest kept."""
+
+    def check_paging(self):
+        ids = [self.post("m%d" % i, room="r")["id"] for i in range(10)]
+        status, _, page = self.get("before=%s&limit=3" % ids[7], room="r")
+        self.assertEqual((status, [m["id"] for m in page]), (200, ids[4:7]))
+        self.assertEqual([m["id"] for m in self.get("before=%s&limit=3" % ids[2], room="r")[2]], ids[:2])
+        self.assertEqual(self.get("before=%s" % ids[0], room="r")[2], [])     # the start of the room
+        started = time.monotonic()
+        self.assertEqual(self.get("before=%s&timeout=5" % ids[0], room="r")[2], [])
+        self.assertLess(time.monotonic() - started, 4)      # never waits
+        for query in ("before=%s&after=%s" % (ids[5], ids[1]), "before=%s&tail=2" % ids[5], "before=nope", "before="):
+            with self.subTest(query=query):
+                self.assertEqual(self.get(query, room="r")[0], 400)
+        return ids
+
+    def test_paging_back_through_memory_and_the_database(self):
+        ids = self.check_paging()
+        self.restart(history=3)     # memory holds the newest 3; the rest is read from the file
+        self.assertEqual([m["id"] for m in self.get("before=%s&limit=4" % ids[9], room="r")[2]], ids[5:9])
+        self.assertEqual([m["id"] for m in self.get("before=%s&limit=100" % ids[3], room="r")[2]], ids[:3])
+
+    def test_before_what_was_pruned_is_410(self):
+        ids = [self.post("m%d" % i, room="r")["id"] for i in range(6)]
+        self.server.store.prune(retain_count=2, retain_days=0)
+        status, _, data = self.get("before=%s" % ids[4], room="r")
+        self.assertEqual((status, data["oldest"]), (410, ids[4]))
+        self.assertEqual([m["id"] for m in self.get("before=%s" % ids[5], room="r")[2]], ids[4:5])
+
+    def test_the_memory_store_pages_the_same(self):
+        self.server = self.start_server()
+        self.check_paging()
+
+
+class PresenceTest(ServerTestCase):
+    """Who follows a room: parked polls, open streams, and polls answered less than timeout + 15 s ago."""
+
+    def test_presence_rises_and_falls_with_polls_and_streams(self):
+        self.assertEqual(self.request("GET", "/rooms/r/presence")[2], {"count": 0, "users": []})
+        thread, result = self.start_poll("timeout=1&name=bob", room="r")
+        self.wait_for_waiters(1)
+        self.assertEqual(self.request("GET", "/rooms/r/presence")[2], {"count": 1, "users": [{"user": None, "name": "bob"}]})
+        stream = EventStreamClient(self.address, "/rooms/r/messages")
+        self.addCleanup(stream.close)
+        self.assertTrue(wait_until(lambda: self.request("GET", "/rooms/r/presence")[2]["count"] == 2))
+        thread.join(5)
+        # Between two polls bob is still here (for its timeout + 15 s): no flicker.
+        self.assertEqual(self.request("GET", "/rooms/r/presence")[2]["count"], 2)
+        stream.close()
+        later = time.monotonic() + 1 + chat_server.PRESENCE_GRACE_S + 1     # both followers' time is up then
+
+        def gone():
+            self.server.presence.forget_gone(later)
+            return self.request("GET", "/rooms/r/presence")[2] == {"count": 0, "users": []}
+        self.assertTrue(wait_until(gone))
+
+    def test_identified_users_count_once_however_many_tabs(self):
+        server = self.start_server(jwt_secret=SECRET)
+        address = server.server_address[:2]
+        token = signed_token(claims_for(sub="ann", name="Ann"))
+        streams = [EventStreamClient(address, "/rooms/r/messages?token=" + token) for _ in range(3)]
+        for stream in streams:
+            self.addCleanup(stream.close)
+        admin = {"Authorization": "Bearer " + signed_token(claims_for(sub="root", admin=True))}
+        conn = http.client.HTTPConnection(*address, timeout=5)
+        self.addCleanup(conn.close)
+        self.assertTrue(wait_until(lambda: server.registry.streams == 3))
+        self.assertEqual(self.request("GET", "/rooms/r/presence", headers=admin, conn=conn)[2],
+                         {"count": 1, "users": [{"user": "ann", "name": "Ann"}]})
+        self.assertEqual(self.request("GET", "/rooms/r/presence", conn=conn)[0], 401)
+
+    def test_streams_that_ask_get_presence_events_at_most_once_a_second(self):
+        watcher = EventStreamClient(self.address, "/rooms/r/messages?presence=1")
+        self.addCleanup(watcher.close)
+        plain = EventStreamClient(self.address, "/rooms/r/messages?name=carol")     # a second follower
+        self.addCleanup(plain.close)
+        seen = []
+        while not seen or seen[-1][1]["count"] != 2:
+            event = watcher.event(timeout=5)
+            self.assertEqual(event["event"], "presence")
+            seen.append((time.monotonic(), event["data"]))
+            self.assertLess(len(seen), 5)
+        for (earlier, _), (later, _) in zip(seen, seen[1:]):
+            self.assertGreater(later - earlier, 0.8)        # at most about once a second
+        sent = self.post("hello", room="r")
+        self.assertEqual(plain.event(timeout=5)["data"], sent)      # a plain stream gets messages only
+        while True:
+            event = watcher.event(timeout=5)
+            if event["event"] == "message":
+                self.assertEqual(event["data"], sent)
+                break
+
+    def test_a_poll_that_hangs_up_leaves_within_its_timeout_and_15_s(self):
+        sock = socket.create_connection(self.address)
+        sock.sendall(self.with_host(b"GET /rooms/r/messages?timeout=2&name=carl HTTP/1.1\r\nHost: HOST\r\n\r\n"))
+        self.wait_for_waiters(1)
+        sock.close()
+        self.assertEqual(self.request("GET", "/rooms/r/presence")[2]["count"], 1)
+        self.server.presence.forget_gone(time.monotonic() + 2 + chat_server.PRESENCE_GRACE_S + 0.1)
+        self.assertEqual(self.request("GET", "/rooms/r/presence")[2]["count"], 0)
+
+
+class EditDeleteTest(DatabaseServerTestCase):
+    """Edits and deletes are later messages that name an earlier one: followers and history agree."""
+
+    CLIENT = {"client": "browser-one-0001"}
+
+    def send(self, payload, room="r", expect=201, headers=None):
+        status, _, data = self.request("POST", "/rooms/%s/messages" % room, dict(self.CLIENT, **payload), headers)
+        self.assertEqual(status, expect, data)
+        return data
+
+    def test_a_follower_applying_edits_and_deletes_agrees_with_history(self):
+        first = self.send({"body": "typo"})
+        second = self.send({"body": "keep me"})
+        follower = []
+        cursor = second["id"]
+        edit = self.send({"edits": first["id"], "body": "fixed"})
+        delete = self.send({"deletes": second["id"]})
+        self.assertEqual((edit["edits"], edit["body"], delete["deletes"], delete["body"]),
+                         (first["id"], "fixed", second["id"], None))
+        follower.extend(self.get("after=%s&timeout=0" % cursor, room="r")[2])
+        self.assertEqual([m["id"] for m in follower], [edit["id"], delete["id"]])
+        stream = EventStreamClient(self.address, "/rooms/r/messages", b"Last-Event-ID: %s\r\n" % first["id"].encode())
+        self.addCleanup(stream.close)
+        streamed = [stream.event()["data"] for _ in range(3)]
+        # A fresh reader of history sees each message as it is now, and the changes in their place.
+        history = self.get("tail=10", room="r")[2]
+        self.assertEqual([m["id"] for m in history], [first["id"], second["id"], edit["id"], delete["id"]])
+        self.assertEqual((history[0]["body"], history[0]["edited_at"]), ("fixed", edit["created_at"]))
+        self.assertEqual(history[1], {"id": second["id"], "room": "r", "created_at": second["created_at"], "deleted": True})
+        self.assertEqual([m["id"] for m in streamed], [second["id"], edit["id"], delete["id"]])
+        self.assertEqual(streamed[0], history[1])
+        self.restart()      # the same from the database
+        self.assertEqual(self.get("tail=10", room="r")[2], history)
+        self.assertEqual(self.get("before=%s" % edit["id"], room="r")[2], history[:2])
+
+    def test_a_deleted_message_is_erased_from_the_file(self):
+        secret = self.send({"body": "my password is hunter2", "author": "ann"})
+        self.send({"edits": secret["id"], "body": "my password is hunter3"})
+        self.send({"deletes": secret["id"]})
+        self.stop_server(self.server, self._thread_of(self.server))
+        with open(self.path, "rb") as f:
+            data = f.read()
+        wal = self.path + "-wal"
+        if os.path.exists(wal):
+            with open(wal, "rb") as f:
+                data += f.read()
+        conn = sqlite3.connect(self.path)
+        self.addCleanup(conn.close)
+        conn.execute("VACUUM")      # what a file's free pages may still hold is the file system's business
+        rows = conn.execute("SELECT body, author, deleted FROM messages WHERE id = ? OR edits = ?",
+                            (secret["id"], secret["id"])).fetchall()
+        self.assertEqual(rows, [("", None, 1), ("", None, 1)])
+
+    def test_who_may_change_what(self):
+        mine = self.send({"body": "mine"})
+        status, _, data = self.request("POST", "/rooms/r/messages", {"edits": mine["id"], "body": "x",
+                                                                      "client": "another-browser-9"})
+        self.assertEqual(status, 403, data)
+        self.assertEqual(self.request("POST", "/rooms/r/messages", {"deletes": mine["id"]})[0], 403)
+        edit = self.send({"edits": mine["id"], "body": "mine, edited"})
+        self.send({"deletes": edit["id"]}, expect=400)                     # an edit is not deleted on its own
+        self.send({"edits": edit["id"], "body": "x"}, expect=400)
+        self.send({"edits": "01a22864-6e9e-739d-8258-3eb967002535", "body": "x"}, expect=404)
+        other_room = self.send({"body": "elsewhere"}, room="other")
+        self.send({"edits": other_room["id"], "body": "x"}, expect=404)    # only in its own room
+        self.send({"edits": mine["id"], "deletes": mine["id"], "body": "x"}, expect=400)
+        self.send({"edits": "nope", "body": "x"}, expect=400)
+        self.send({"deletes": mine["id"], "body": "why"}, expect=400)
+        self.send({"deletes": mine["id"]})
+        self.send({"edits": mine["id"], "body": "back?"}, expect=409)
+        self.send({"deletes": mine["id"]}, expect=409)
+
+    def test_users_change_their_own_and_admins_anyones(self):
+        server = self.start_server(jwt_secret=SECRET)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        ann = {"Authorization": "Bearer " + signed_token(claims_for(sub="ann"))}
+        bob = {"Authorization": "Bearer " + signed_token(claims_for(sub="bob"))}
+        admin = {"Authorization": "Bearer " + signed_token(claims_for(sub="mod", admin=True))}
+        status, _, message = self.request("POST", "/rooms/r/messages", {"body": "ann's"}, ann, conn=conn)
+        self.assertEqual(self.request("POST", "/rooms/r/messages", {"edits": message["id"], "body": "x"}, bob,
+                                      conn=conn)[0], 403)
+        self.assertEqual(self.request("POST", "/rooms/r/messages", {"edits": message["id"], "body": "ann edits"}, ann,
+                                      conn=conn)[0], 201)
+        self.assertEqual(self.request("POST", "/rooms/r/messages", {"deletes": message["id"]}, admin, conn=conn)[0], 201)
+
+
+# ---------------------------------------------------------------------------
 # Housekeeper
 # ---------------------------------------------------------------------------
 
@@ -4201,6 +4495,75 @@ class SharedTokenWithIdentityTest(IdentityTestCase):
         self.assertEqual(self.request("GET", "/stats", headers=admin)[0], 200)
         self.assertEqual(self.get("timeout=0", room="any", headers=self.as_user(self.token()))[0], 200)
         self.assertEqual(self.get("timeout=0", room="any")[0], 401)
+
+    def test_anonymous_rooms_stay_open_beside_the_shared_token(self):
+        # --anonymous-rooms: "rooms that clients with neither [a token nor the proxy's user] may read and
+        # post in". With a JWT secret the shared token is an admin's credential, not the key to every room:
+        # an anonymous client may still use the anonymous rooms. (Fails today: 401 in every room.)
+        server = self.start_server(jwt_secret=SECRET, token="shared-admin-token", anonymous_rooms=["lobby"])
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        status, _, data = self.request("POST", "/rooms/lobby/messages", {"body": "hi", "author": "guest"}, conn=conn)
+        self.assertEqual((status, data.get("user") if isinstance(data, dict) else data), (201, None), data)
+        self.assertEqual(self.request("GET", "/rooms/other/messages?timeout=0", conn=conn)[0], 401)
+
+
+class SignedTokenShapeTest(IdentityTestCase):
+    """The server accepts exactly the tokens JWT libraries make, built here byte for byte with hmac:
+    PyJWT 2.x and Node's jsonwebtoken, as the README's examples call them."""
+
+    def post_with(self, token, room="team-a"):
+        return self.request("POST", "/rooms/%s/messages" % room, {"body": "from an app"}, self.as_user(token))
+
+    @staticmethod
+    def sign(header_json, payload_json, secret=SECRET):
+        head = base64.urlsafe_b64encode(header_json).rstrip(b"=")
+        body = base64.urlsafe_b64encode(payload_json).rstrip(b"=")
+        signature = hmac.new(secret, head + b"." + body, hashlib.sha256).digest()
+        return (head + b"." + body + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode("ascii")
+
+    def test_pyjwt_2(self):
+        # jwt.encode({"sub": "ann", "name": "Ann", "exp": ..., "rooms": {...}}, secret, algorithm="HS256"):
+        # the header {"typ": "JWT", "alg": "HS256"} dumped with sort_keys=True and separators (",", ":");
+        # the claims dumped in their order with the same separators (and ensure_ascii, the default).
+        exp = int(time.time()) + 30 * 86400
+        claims = {"sub": "ann", "name": "Ann Lee", "exp": exp, "rooms": {"read": ["team-*"], "post": ["team-*"]}}
+        header = json.dumps({"typ": "JWT", "alg": "HS256"}, separators=(",", ":"), sort_keys=True).encode()
+        self.assertEqual(header, b'{"alg":"HS256","typ":"JWT"}')
+        token = self.sign(header, json.dumps(claims, separators=(",", ":")).encode("utf-8"))
+        self.assertTrue(token.startswith("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."))    # PyJWT's every HS256 token
+        status, _, data = self.post_with(token)
+        self.assertEqual((status, data["user"], data["author"]), (201, "ann", "Ann Lee"), data)
+        self.assertEqual(self.post_with(token, room="ops")[0], 403)
+        # A name outside ASCII, as PyJWT escapes it (\u00eb), and an admin with iat and nbf.
+        claims = {"sub": "zoe", "name": "Zo\u00eb", "iat": exp - 30 * 86400, "nbf": exp - 30 * 86400, "exp": exp,
+                  "admin": True}
+        token = self.sign(header, json.dumps(claims, separators=(",", ":")).encode("utf-8"))
+        self.assertIn(b"\\u00eb", base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        status, _, data = self.post_with(token, room="ops")
+        self.assertEqual(status, 201, data)
+        self.assertEqual((data["user"], data["author"]), ("zoe", "Zo\u00eb"), data)
+        self.assertEqual(self.request("GET", "/stats", headers=self.as_user(token))[0], 200)
+
+    def test_node_jsonwebtoken(self):
+        # jwt.sign({sub, name, rooms}, secret, {algorithm: "HS256", expiresIn: "30d"}): the header
+        # JSON.stringify({alg, typ: "JWT", kid: undefined}); the claims as given, then iat, then exp
+        # (iat + 30 days); JSON.stringify writes no spaces, leaves non-ASCII as UTF-8 and "/" as it is.
+        iat = int(time.time())
+        header = b'{"alg":"HS256","typ":"JWT"}'
+        payload = ('{"sub":"ann/ops","name":"Zo\u00eb","rooms":{"read":["team-*"],"post":["team-*"]},'
+                   '"iat":%d,"exp":%d}' % (iat, iat + 30 * 86400)).encode("utf-8")
+        token = self.sign(header, payload)
+        status, _, data = self.post_with(token)
+        self.assertEqual((status, data["user"], data["author"]), (201, "ann/ops", "Zo\u00eb"), data)
+        stream = EventStreamClient(self.address, "/rooms/team-a/messages?tail=1&token=" + token)
+        self.addCleanup(stream.close)
+        self.assertEqual((stream.status, stream.event()["data"]["user"]), (200, "ann/ops"))
+
+    def test_the_token_command_and_the_libraries_make_the_same_shape(self):
+        minted = chat_server.mint_token(SECRET, {"sub": "ann", "exp": int(time.time()) + 60})
+        self.assertEqual(minted.split(".")[0], "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9")
+        self.assertEqual(self.post_with(minted)[0], 201)
 
 
 class ProxyUserTest(ServerTestCase):
@@ -6539,6 +6902,98 @@ class NginxDeploymentTest(NginxSiteTestCase):
         self.assertEqual(proc.returncode, 0)
 
 
+class _AuthService(http.server.BaseHTTPRequestHandler):
+    """A site's auth service for nginx's auth_request: HTTP Basic ann:ann-password is the user ann (200 with
+    X-User: ann), anything else 401."""
+
+    USERS = {"Basic " + base64.b64encode(b"ann:ann-password").decode(): "ann"}
+
+    def do_GET(self):
+        user = self.USERS.get(self.headers.get("Authorization", ""))
+        self.send_response(200 if user else 401)
+        if user:
+            self.send_header("X-User", user)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@unittest.skipUnless(NGINX, "nginx is not installed (apt-get install nginx); .ci/run installs it")
+@unittest.skipUnless(shutil.which("openssl"), "openssl is needed to make a throwaway certificate")
+@unittest.skipIf(os.name == "nt", "POSIX signals")
+@unittest.skipUnless(sys.platform.startswith("linux"), "127.0.0.2 is a loopback address on Linux only")
+class NginxAuthRequestTest(NginxSiteTestCase):
+    """The README's auth_request recipe, with only ports and file paths changed: the user the site's auth
+    service names is the user of the post, and nobody else can choose it."""
+
+    def setUp(self):
+        super().setUp()
+        auth = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AuthService)
+        threading.Thread(target=auth.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.addCleanup(auth.server_close)
+        self.addCleanup(auth.shutdown)
+        command = readme_command("python3 chat_server.py --user-header X-Remote-User")
+        self.assertEqual(len(command), 1)
+        self.chat_port, self.nginx_port = _free_port(), _free_port()
+        self.chat = self.start_shard(command[0], self.chat_port, os.path.join(self.tmp, "chat.db"))
+        site = self.site("# /etc/nginx/conf.d/chat-auth.conf: users named by the site's auth service",
+                         {"443": _free_port(), "80": self.nginx_port, "127.0.0.1:8080": "127.0.0.1:%d" % self.chat_port,
+                          "127.0.0.1:9000": "127.0.0.1:%d" % auth.server_address[1]})
+        self.assertIn("proxy_bind 127.0.0.2;", site)
+        nginx = PrivateNginx(os.path.join(self.tmp, "nginx"), site)
+        self.addCleanup(nginx.stop)
+        self.assertTrue(wait_until(lambda: self.plain(self.nginx_port, "GET", "/healthz", headers=self.ANN)[0] == 200,
+                                   timeout=10))
+
+    ANN = {"Authorization": "Basic " + base64.b64encode(b"ann:ann-password").decode()}
+
+    def plain(self, port, method, path, body=None, headers=None, source=None):
+        """(status, headers, body: JSON if JSON) of one plain HTTP request for chat.example.org."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10,
+                                              source_address=(source, 0) if source else None)
+            headers = dict(headers or {}, Host=self.NAME)
+            if body is not None:
+                body = json.dumps(body).encode()
+                headers["Content-Type"] = "application/json"
+            conn.request(method, path, body, headers)
+            response = conn.getresponse()
+            data = response.read()
+            conn.close()
+        except OSError:
+            return None, {}, None
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            data = json.loads(data)
+        return response.status, response.headers, data
+
+    def test_the_auth_services_user_is_the_posts_user(self):
+        status, _, data = self.plain(self.nginx_port, "POST", "/rooms/team/messages", {"body": "hello"},
+                                     headers=self.ANN)
+        self.assertEqual((status, data["user"], data["author"]), (201, "ann", "ann"), data)
+        # The client's own X-Remote-User does not choose the user: nginx replaces it.
+        status, _, data = self.plain(self.nginx_port, "POST", "/rooms/team/messages", {"body": "as root?"},
+                                     headers=dict(self.ANN, **{"X-Remote-User": "root"}))
+        self.assertEqual((status, data["user"]), (201, "ann"), data)
+        # Without credentials, nginx answers 401 itself, whatever the client claims to be.
+        for headers in ({}, {"X-Remote-User": "ann"}):
+            with self.subTest(headers=headers):
+                status, _, data = self.plain(self.nginx_port, "POST", "/rooms/team/messages", {"body": "x"},
+                                             headers=headers)
+                self.assertEqual(status, 401)
+                self.assertIn(b"nginx", data)
+        # Straight to the chat server from 127.0.0.1, not the proxy's address: the header is ignored.
+        status, _, data = self.plain(self.chat_port, "POST", "/rooms/team/messages", {"body": "direct"},
+                                     headers={"X-Remote-User": "ann"}, source="127.0.0.1")
+        self.assertEqual(status, 401, data)
+        status, _, data = self.plain(self.chat_port, "GET", "/rooms/team/messages?timeout=0",
+                                     headers={"X-Remote-User": "ann"}, source="127.0.0.1")
+        self.assertEqual(status, 401, data)
+        status, _, data = self.plain(self.nginx_port, "GET", "/rooms/team/messages?timeout=0", headers=self.ANN)
+        self.assertEqual([(m["body"], m["user"]) for m in data], [("hello", "ann"), ("as root?", "ann")])
+
+
 # ---------------------------------------------------------------------------
 # The README's own examples
 # ---------------------------------------------------------------------------
@@ -6551,8 +7006,8 @@ class ReadmeTranscriptTest(unittest.TestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         shutil.copy(SERVER_SCRIPT, directory)       # "copy chat_server.py onto any machine"
-        port = _free_port()
-        matcher = OutputMatcher(self, port)
+        port, second_port = _free_port(), _free_port()
+        matcher = OutputMatcher(self, port, second_port)
         steps = readme_transcripts()
         self.assertGreaterEqual(len(steps), 10)
         for command, shown in steps:
@@ -6562,10 +7017,37 @@ class ReadmeTranscriptTest(unittest.TestCase):
                     self.addCleanup(stop_process, proc)
                     matcher.output(command, shown, [line])
                     continue
+                if command.startswith("python3 chat_server.py --port 8081 "):
+                    # Identity's server, beside the first one (the reader starts it in another shell).
+                    args = shlex.split(command)[2:]
+                    args[args.index("--port") + 1] = str(second_port)
+                    proc, line = start_readme_server(directory, second_port, *args)
+                    self.addCleanup(stop_process, proc)
+                    matcher.output(command, shown, [line])
+                    continue
+                if command.startswith("python3 chat_server.py follow "):
+                    matcher.output(command, shown, self.follow_lines(matcher.command(command), directory, len(shown)))
+                    continue
                 result = subprocess.run(["bash", "-c", matcher.command(command)], cwd=directory, timeout=60,
                                         capture_output=True, text=True)
                 matcher.output(command, shown, result.stdout.splitlines())
         self.assertTrue(os.path.exists(os.path.join(directory, "chat.db")))
+
+    def follow_lines(self, command, directory, count):
+        """What `follow` (which never ends by itself) printed: the `count` lines shown, and then
+        anything more it prints within half a second (it should print nothing more)."""
+        proc = subprocess.Popen(["bash", "-c", "exec " + command], cwd=directory, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, proc)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, b"")), daemon=True)
+        reader.start()
+        wait_until(lambda: len(lines) >= count, timeout=15)
+        time.sleep(0.5)
+        proc.terminate()
+        proc.wait(10)
+        reader.join(5)
+        return [line.decode("utf-8").rstrip("\n") for line in lines]
 
     def test_the_two_commands_are_the_first_thing(self):
         first_block = re.search(r"```\n(.*?)```", readme_text(), re.S).group(1)
@@ -6618,9 +7100,18 @@ class ReadmeClientsTest(unittest.TestCase):
 
     def test_the_python_loop(self):
         code = re.search(r"```python\n(.*?)```", readme_text(), re.S).group(1)
+        self.assertTrue(code.rstrip().endswith("\nfollow()"), "the snippet calls what it defines")
         code = code.replace("localhost:8080", "localhost:%d" % self.port)
-        printed = self.follow_with([sys.executable, "-u", "-c", code + "\nfollow()\n"])
+        printed = self.follow_with([sys.executable, "-u", "-c", code])       # as pasted into follow.py
         self.assertEqual(printed, ["ann : first", "anonymous : second", "bob : after the restart"])
+
+    @unittest.skipUnless(NODE_18, "the JavaScript loop runs as a program in Node 18 or later (fetch)")
+    def test_the_javascript_loop_in_node(self):
+        script = re.search(r"```javascript\n(.*?)```", readme_text(), re.S).group(1)
+        self.assertTrue(script.rstrip().endswith("\nfollow();"), "the snippet calls what it defines")
+        script = script.replace("localhost:8080", "localhost:%d" % self.port)
+        printed = self.follow_with([NODE_18, "-e", script])                    # as pasted into follow.js
+        self.assertEqual(printed, ["ann: first", "anonymous: second", "bob: after the restart"])
 
     @unittest.skipUnless(shutil.which("curl") and shutil.which("jq"), "the shell loop uses curl and jq")
     def test_the_shell_loop(self):
@@ -6646,15 +7137,106 @@ class ReadmeJavaScriptClientTest(PageTestCase):
     """The README's fetch loop, run in Chromium on the server's own origin, follows the room."""
 
     def test_the_javascript_loop(self):
+        # As pasted into the page's console: it calls follow() itself, on the server's own origin.
         script = re.search(r"```javascript\n(.*?)```", readme_text(), re.S).group(1)
+        script = script.replace("http://localhost:8080", self.base.rstrip("/"))
         self.post("lobby", "before", "ann")
         self.a.get(self.base)
-        self.a.js("window.printed = []; console.log = (line) => window.printed.push(line);"
-                  + script + "; follow(location.origin + '/rooms/lobby/messages');")
+        self.a.js("window.printed = []; console.log = (line) => window.printed.push(line);\n" + script)
         _wait_for(lambda: self.a.js("return window.printed.length") == 1, 5, "the first message printed")
         self.post("lobby", "after", None)
         _wait_for(lambda: self.a.js("return window.printed.length") == 2, 5, "the second message printed")
         self.assertEqual(self.a.js("return window.printed"), ["ann: before", "anonymous: after"])
+
+
+class ReadmePythonExamplesTest(unittest.TestCase):
+    """The README's Client and embedding examples, saved as the files they name and run as programs."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        shutil.copy(SERVER_SCRIPT, self.directory)      # "put it beside your program"
+
+    def program(self, first_line, replace=()):
+        """The README's python block that starts with `first_line`, written to the file it names; its path."""
+        code = readme_blocks("python")[first_line]
+        for old, new in replace:
+            code = code.replace(old, new)
+        path = os.path.join(self.directory, first_line.split()[1].rstrip(":"))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(code)
+        return path
+
+    def get(self, port, path):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    def post(self, port, room, body, author):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/rooms/%s/messages" % room, json.dumps({"body": body, "author": author}).encode(),
+                     {"Content-Type": "application/json"})
+        self.assertEqual(conn.getresponse().status, 201)
+        conn.close()
+
+    def test_the_client_example_answers_and_prints(self):
+        port = _free_port()
+        server, line = start_readme_server(self.directory, port, "--quiet")
+        self.addCleanup(stop_process, server)
+        self.assertIn("serving on", line)
+        bot = self.program("# ops_bot.py: answers \"!ping\" in the room ops, and prints what is said there",
+                           [("localhost:8080", "localhost:%d" % port)])
+        proc = subprocess.Popen([sys.executable, bot], cwd=self.directory, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(stop_process, proc)
+        lines = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, b"")), daemon=True).start()
+        # It follows from now on: post once its poll waits.
+        self.assertTrue(wait_until(lambda: self.get(port, "/stats")[1]["waiters"] >= 1, timeout=15))
+        self.post(port, "ops", "!ping", "ann")
+        self.assertTrue(wait_until(lambda: len(lines) >= 2, timeout=15), lines)
+        time.sleep(0.3)
+        self.assertEqual([line.decode().rstrip("\n") for line in lines], ["ann : !ping", "ops-bot : pong"])
+        status, messages = self.get(port, "/rooms/ops/messages")
+        self.assertEqual([(m["author"], m["body"]) for m in messages], [("ann", "!ping"), ("ops-bot", "pong")])
+
+    def test_the_embedding_example_posts_and_wakes_a_follower(self):
+        relay = self.program("# relay.py: a chat server in a program; each line on standard input is posted "
+                             "to the room ops")
+        proc = subprocess.Popen([sys.executable, relay], cwd=self.directory, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.addCleanup(stop_process, proc)
+        first = proc.stdout.readline().decode()
+        match = re.fullmatch(r"serving on http://127\.0\.0\.1:(\d+)/\n", first)
+        self.assertTrue(match, first)
+        port = int(match.group(1))
+        answer = {}
+
+        def wait_for_news():
+            started = time.monotonic()
+            answer["got"] = self.get(port, "/rooms/ops/messages?timeout=20&after=" + chat_server.ZERO_ID)
+            answer["after"] = time.monotonic() - started
+
+        poll = threading.Thread(target=wait_for_news, daemon=True)
+        poll.start()
+        self.assertTrue(wait_until(lambda: self.get(port, "/stats")[1]["waiters"] >= 1, timeout=15))
+        proc.stdin.write(b"disk /var is 91% full\n")
+        proc.stdin.flush()
+        poll.join(25)
+        status, messages = answer["got"]
+        self.assertEqual(status, 200)
+        self.assertEqual([(m["room"], m["author"], m["body"]) for m in messages],
+                         [("ops", "relay", "disk /var is 91% full")])
+        self.assertLess(answer["after"], 10, "the waiting poll was woken by server.post(), not by its timeout")
+        proc.stdin.write(b"quit\n")
+        proc.stdin.flush()
+        self.assertEqual(proc.wait(15), 0)
+        proc.stdin.close()
+        self.assertTrue(os.path.exists(os.path.join(self.directory, "chat.db")), "the command line's default")
 
 
 class ReadmeCoverageTest(unittest.TestCase):
@@ -6673,6 +7255,26 @@ class ReadmeCoverageTest(unittest.TestCase):
                        431, 500, 501, 503, 505):
             self.assertIn("| %d |" % status, statuses)
         self.assertIn("python3 -m unittest -v test_chat_server", readme)
+
+    def test_the_contents_list_every_section_and_every_link_has_its_place(self):
+        def anchor(heading):        # as GitHub makes them
+            return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+        def places(path):
+            with open(path, encoding="utf-8") as f:
+                text = re.sub(r"```.*?```", "", f.read(), flags=re.S)      # not the code blocks' comments
+            return text, {anchor(h) for h in re.findall(r"^#{1,4} (.*)$", text, re.M)}
+
+        readme, anchors = places(os.path.join(HERE, "README.md"))
+        contents = re.search(r"\nContents:\n((?:- .*\n)+)", readme).group(1)
+        listed = re.findall(r"^- \[[^]]+\]\(#([^)]+)\)", contents, re.M)
+        self.assertEqual(listed, [anchor(h) for h in re.findall(r"^## (.*)$", readme, re.M)])
+        for link in re.findall(r"\]\(#([^)]+)\)", readme):
+            self.assertIn(link, anchors)
+        bench, bench_anchors = places(os.path.join(HERE, "bench", "README.md"))
+        self.assertIn("](bench/README.md)", readme)
+        for link in re.findall(r"\]\(\.\./README\.md#([^)]+)\)", bench):
+            self.assertIn(link, anchors)
 
 
 # ---------------------------------------------------------------------------
