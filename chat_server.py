@@ -271,6 +271,7 @@ OPTION_RANGES = {
     "idle_timeout": (0.1, 3600, None),
     "rate": (0.0, 1000000.0, "0 turns the limit off"),
     "burst": (0, 1000000, "0 means twice the rate"),
+    "edge_cache": (0, 3600, "0: every answer is no-store"),
 }
 
 #: One encoder for every answer: json.dumps() with options builds a new one per call.
@@ -300,6 +301,7 @@ class Config:
     request_timeout = REQUEST_TIMEOUT_S
     idle_timeout = IDLE_TIMEOUT_S
     rate = 0.0                # posts per second per client address; 0: no limit
+    edge_cache = 0            # seconds a shared cache may keep a poll's answer of messages; 0: none
     burst = 0                 # posts allowed at once before --rate applies; 0: max(1, 2 x rate)
     trust_proxy = False       # take the client address from X-Forwarded-For
     token = None              # bearer token required on the API
@@ -2192,6 +2194,7 @@ class ChatServer(ThreadingHTTPServer):
         self._connections = {}      # socket -> handler (None until it has one)
         self._date = (0, "")
         self.static_headers = self._static_headers()
+        self.cached_headers = self._static_headers("public, max-age=%d" % config.edge_cache)
         self.housekeeper = Housekeeper(self)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -2200,11 +2203,24 @@ class ChatServer(ThreadingHTTPServer):
         self.page = build_page(PAGE_HTML)
         self.housekeeper.start()
 
-    def _static_headers(self):
-        headers = "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+    def _static_headers(self, cache_control="no-store"):
+        headers = "Cache-Control: %s\r\nX-Content-Type-Options: nosniff\r\n" % cache_control
         if self.config.cors_origin:
             headers += ("Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n" % self.config.cors_origin)
         return headers
+
+    def cacheable(self, room):
+        """True if a poll's answer of messages in `room` may be kept by a shared cache: with
+        --edge-cache, for a room that anyone may read.  Such an answer is a fact about its URL
+        that later posts do not change (edits and deletes arrive as later messages)."""
+        return bool(self.config.edge_cache) and not self.policy.token and self.policy.may_read(None, room)
+
+    def render_answer(self, body, connection, cacheable, head_only=False):
+        """A poll's answer of messages: `cacheable` ones public for --edge-cache seconds, with an ETag."""
+        if not cacheable:
+            return self.render(HTTPStatus.OK, body, connection=connection, head_only=head_only)
+        return self.render(HTTPStatus.OK, body, headers={"ETag": answer_tag(body)}, connection=connection,
+                           head_only=head_only, static_headers=self.cached_headers)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -2276,7 +2292,7 @@ class ChatServer(ThreadingHTTPServer):
         return self._date[1]
 
     def render(self, status, body, content_type="application/json; charset=utf-8",
-               headers=None, connection=None, head_only=False):
+               headers=None, connection=None, head_only=False, static_headers=None):
         """A complete HTTP/1.1 response as bytes, to be sent in one write.
 
         `connection` is None, "close" or "keep-alive" (said to HTTP/1.0 clients that asked
@@ -2285,7 +2301,7 @@ class ChatServer(ThreadingHTTPServer):
         """
         length = "" if status == HTTPStatus.NO_CONTENT or body is None else "Content-Length: %d\r\n" % len(body)
         lines = [STATUS_LINES[status], "Date: %s\r\nServer: chat_server/%s\r\nContent-Type: %s\r\n%s%s"
-                 % (self.http_date(), __version__, content_type, length, self.static_headers)]
+                 % (self.http_date(), __version__, content_type, length, static_headers or self.static_headers)]
         for name, value in (headers or {}).items():
             lines.append("%s: %s\r\n" % (name, value))
         if connection:
@@ -2345,6 +2361,7 @@ class ChatServer(ThreadingHTTPServer):
         for waiter in claimed:
             groups.setdefault((waiter.after, waiter.limit), []).append(waiter)
         answered = cut = 0
+        cacheable = self.cacheable(room)
         for (after, limit), waiters in groups.items():
             try:
                 messages = self.store.newer(room, after, limit)
@@ -2356,8 +2373,8 @@ class ChatServer(ThreadingHTTPServer):
                 for waiter in waiters:
                     data = responses.get(waiter.connection)
                     if data is None:
-                        data = responses[waiter.connection] = self.render(
-                            HTTPStatus.OK, body, connection=waiter.connection)
+                        data = responses[waiter.connection] = self.render_answer(
+                            body, waiter.connection, cacheable and bool(fitting))
                     waiter.send_nowait(data)
                     if waiter.outcome is not None:
                         continue        # hung up: nothing was sent
@@ -2555,6 +2572,11 @@ class ChatServer(ThreadingHTTPServer):
             handler.interrupt_if_idle()
         self.pool.close(timeout=1.5)
         self.store.close()
+
+
+def answer_tag(body):
+    """The ETag of an answer: a digest of its bytes."""
+    return '"%s"' % hashlib.blake2b(body, digest_size=12).hexdigest()
 
 
 def resident_bytes():
@@ -3801,7 +3823,7 @@ class ChatHandler(BaseHTTPRequestHandler):
         messages = self.server.store.newer(room, after, limit, newest)
         # HEAD never waits; nor does a poll whose client already sent its next request.
         if messages or timeout <= 0 or self.command == "HEAD" or self.reader.buffer:
-            return self.send_messages(messages)
+            return self.send_messages(messages, room)
         self._wait(room, after, limit, timeout)
 
     def _send_older(self, room, query):
@@ -3819,12 +3841,17 @@ class ChatHandler(BaseHTTPRequestHandler):
                             {"oldest": exc.oldest}) from None
         self.send_messages(messages)
 
-    def send_messages(self, messages):
-        """Answer a poll with `messages`, fewer if the answers being written already fill MAX_UNSENT_BYTES."""
+    def send_messages(self, messages, room=None):
+        """Answer a poll with `messages`, fewer if the answers being written already fill
+        MAX_UNSENT_BYTES; one of `room`'s for a shared cache to keep, where the server says so."""
         if not messages:
             return self._respond(HTTPStatus.OK, b"[]\n")
         with self.server.unsent.hold(messages) as fitting:
-            self._respond(HTTPStatus.OK, encode_list(fitting))
+            body = encode_list(fitting)
+            if room is None or not self.server.cacheable(room):
+                return self._respond(HTTPStatus.OK, body)
+            self._send_bytes(self.server.render_answer(body, self._connection_header(), True, self.command == "HEAD"))
+            self.log_request(HTTPStatus.OK, len(body))
 
     def _wait(self, room, after, limit, timeout):
         server = self.server
@@ -3839,7 +3866,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             messages = server.store.newer(room, after, limit)
             if messages:
                 if server.registry.claim(waiter):
-                    return self.send_messages(messages)
+                    return self.send_messages(messages, room)
             elif not waiter.event.wait(timeout - random.random() * min(1.0, timeout * TIMEOUT_JITTER)):
                 if server.registry.claim(waiter):
                     return self._respond(HTTPStatus.OK, b"[]\n")
@@ -5312,6 +5339,9 @@ def build_parser():
     add("--anonymous-rooms", action="append", default=[], metavar="PATTERN",
         help="with tokens or --user-header: rooms that clients without either may read and post in, a "
              "name or a prefix ending in * (repeatable; default: none)")
+    add("--edge-cache", type=_in_range("edge_cache"), default=0, metavar="SECONDS",
+        help="let a shared cache in front (an edge: see the README) keep a poll's answer of messages in "
+             "rooms anyone may read for this long, with an ETag; 0 keeps every answer no-store (default: %(default)s)")
     add("--import-room", metavar="ROOM",
         help="copy room ROOM's history from the --from file into --db, then exit (both servers stopped)")
     add("--from", dest="from_db", metavar="PATH", help="the database file --import-room reads")
