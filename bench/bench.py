@@ -8,6 +8,7 @@ Run:    python bench/bench.py                 # every scenario, full sizes (abou
         python bench/bench.py --only shards --shard-clients 64 --shard-waiters 5000
         python bench/bench.py --only adversarial --adversarial-runs 5     # not part of the default run
         python bench/bench.py --only backup                               # not part of the default run either
+        python bench/bench.py --only identity                             # nor this one
 
 Starts ../chat_server.py (relative to this file) as a separate process for each scenario size
 (`--port 0 --quiet --db :memory:`, or a database file in a temporary directory for the durable
@@ -86,6 +87,20 @@ Scenarios
             contract): counted as cuts, not errors. Targets: peak RSS within the README's bound
             (README_RSS_BOUND_MIB), the other room's wake-up <= 100 ms, no duplicates, reorderings or losses.
 
+    identity  Issue 21; only with --only identity. One server with --jwt-secret-file (a random 32-byte
+            secret) and --token, and one with the same secret and --anonymous-rooms anon (with --token
+            set, anonymous requests get 401 in every room), both --db :memory:. (a) --identity-clients (16) keep-alive
+            clients posting as fast as answered, each with its own JWT (made here with hmac, PyJWT's shape;
+            verified once, then from the server's cache), with the shared --token, and with none (in the
+            anonymous room), --identity-rounds (3) rounds with the order rotated: posts/s, p99, server CPU
+            per post; target: the JWT costs at most 10 us of server CPU per post over the shared token
+            (medians). (b) The JWT posters alone, and beside --identity-bad-rate (2000) refused tokens a
+            second (GET ?tail=1 with alg none, another secret, expired, not base64url, in turn; 400 distinct;
+            paced over 32 other keep-alive connections, one outstanding each, so a request due while all
+            32 wait is counted late, not sent), alternating, --identity-rounds each; target: the posters'
+            p99 with the refused tokens within +20 % of without (medians); every one must be a 401. A control
+            run puts as many GETs with the posters' valid tokens beside them instead (200 each).
+
 Output: one JSON line per scenario size (post: per row) as it finishes (stdout), then one aligned table
 with PASS/MISS against the targets. Progress goes to stderr.
     backup  Issue 23; only with --only backup (it writes a 1 GiB file). (a) Posting at --backup-post-clients (64)
@@ -136,9 +151,9 @@ LONG_POLL_S = 120                       # ?timeout= for fan-out/idle waiters (se
 LINGER_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, leaves no TIME_WAIT
 RECONNECT_GAP_S = 0.2                   # stream rate: streams we close mid-run are reopened after this
 
-SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards", "adversarial", "backup")
+SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards", "adversarial", "backup", "identity")
 # adversarial runs only when named (it is made to break today's server); backup too (it writes a 1 GiB file)
-DEFAULT_SCENARIOS = SCENARIOS[:-2]
+DEFAULT_SCENARIOS = SCENARIOS[:-3]
 
 
 def log(msg):
@@ -3274,6 +3289,215 @@ def scenario_backup_latency(ctx):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Identity (issue 21): what a signed token costs a post, and what a flood of refused tokens costs the others
+
+IDENTITY_US_TARGET = 10.0               # server CPU per post, JWT over the shared token
+IDENTITY_P99_RATIO_TARGET = 1.20        # JWT posters' p99 with 2,000 refused tokens a second / without
+IDENTITY_SHARED_TOKEN = "bench-shared-token-0123456789"
+IDENTITY_BAD_KINDS = ("alg none", "wrong secret", "expired", "malformed")
+
+
+def b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def mint(secret, claims, header=None, digest="sha256"):
+    """A JWT as PyJWT makes one ({"alg":"HS256","typ":"JWT"}, compact JSON), signed with hmac."""
+    import hashlib
+    import hmac
+    head = b64url(json.dumps(header or {"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
+    body = b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signature = hmac.new(secret, ("%s.%s" % (head, body)).encode("ascii"), getattr(hashlib, digest)).digest()
+    return "%s.%s.%s" % (head, body, b64url(signature))
+
+
+def bad_tokens(secret, count):
+    """`count` distinct refused tokens, the kinds of IDENTITY_BAD_KINDS in turn."""
+    t = int(time.time())
+    tokens = []
+    for i in range(count):
+        claims = {"sub": "intruder-%d" % i, "iat": t, "exp": t + 3600}
+        kind = IDENTITY_BAD_KINDS[i % len(IDENTITY_BAD_KINDS)]
+        if kind == "alg none":
+            tokens.append("%s.%s." % (b64url(b'{"alg":"none","typ":"JWT"}'),
+                                      b64url(json.dumps(claims, separators=(",", ":")).encode())))
+        elif kind == "wrong secret":
+            tokens.append(mint(b"not-the-server-secret-but-32-bytes-or-more", claims))
+        elif kind == "expired":
+            tokens.append(mint(secret, dict(claims, exp=t - 3600)))
+        else:
+            good = mint(secret, claims)
+            tokens.append(good[:len(good) // 2] + "!" + good[len(good) // 2 + 1:])    # not base64url
+    return tokens
+
+
+def authorized_post(room, token):
+    body = json.dumps({"body": "benchmark message"}).encode("utf-8")
+    head = "POST /rooms/%s/messages HTTP/1.1\r\nHost: %s\r\n" % (room, HOST)
+    if token:
+        head += "Authorization: Bearer %s\r\n" % token
+    head += "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return head.encode("ascii") + body
+
+
+def identity_run(port, requests, seconds, warmup, bad=None, bad_rate=0.0, bad_conns=32, expect=401):
+    """Closed-loop posting, client i sending requests[i], for `seconds` after `warmup`; with `bad`, a paced
+    `bad_rate` per second of GETs with those refused tokens on `bad_conns` other keep-alive connections
+    (one outstanding each; a request due while all are busy is counted as late, not sent), each answered
+    `expect` (401; 200 for the control run with valid tokens)."""
+    loop = Loop()
+    st = State(t_start=0.0, t_end=0.0, lat=[], bad=0, ok=0, done=0, refused=0, other=0, sent_bad=0, late=0,
+               stop=False)
+    clients = len(requests)
+
+    def on_post(c, status, body, t):
+        if status != 201:
+            st.bad += 1
+            if st.bad <= 3:
+                log("identity: POST answered %s %r" % (status, body[:160]))
+        else:
+            st.ok += 1
+            if st.t_start <= t <= st.t_end:
+                st.lat.append(t - c.t_sent)
+        if t < st.t_end and not c.dead:
+            c.send(c.tag)
+        else:
+            st.done += 1
+
+    def on_refused(c, status, body, t):
+        if status == expect:
+            st.refused += 1
+        else:
+            st.other += 1
+            if st.other <= 3:
+                log("identity: a refused token answered %s %r" % (status, body[:160]))
+
+    conns = [loop.connect(port, on_post, tag=req) for req in requests]
+    idle = [loop.connect(port, on_refused) for _ in range(bad_conns)] if bad else []
+    gets = [build_request("GET", "/rooms/jwt/messages?tail=1", host=HOST).replace(
+        b"\r\n\r\n", ("\r\nAuthorization: Bearer %s\r\n\r\n" % token).encode("ascii")) for token in (bad or ())]
+    t0 = now()
+    st.t_start = t0 + warmup
+    st.t_end = st.t_start + seconds
+    for c in conns:
+        c.send(c.tag)
+    sel = loop.sel
+    deadline = st.t_end + 10
+    while st.done < clients and now() < deadline:
+        if gets:
+            t = now()
+            due = int((min(t, st.t_end) - t0) * bad_rate) - st.sent_bad - st.late
+            for _ in range(max(0, due)):
+                c = next((x for x in idle if not x.dead and x.pending == 0), None)
+                if c is None:
+                    st.late += 1
+                    continue
+                c.send(gets[(st.sent_bad + st.late) % len(gets)])
+                st.sent_bad += 1
+        for key, mask in sel.select(0.0005 if gets else 0.05):
+            c = key.data
+            if mask & selectors.EVENT_WRITE:
+                c.on_write()
+            if mask & selectors.EVENT_READ:
+                c.on_read()
+    loop.close_all()
+    lat = sorted(st.lat)
+    return {"answered": st.ok, "rps": round(len(lat) / seconds, 1), "p50_ms": ms(percentile(lat, 50)),
+            "p99_ms": ms(percentile(lat, 99)), "max_ms": ms(lat[-1]) if lat else None,
+            "errors": st.bad + (clients - st.done) + st.other, "refused": st.refused,
+            "refused_per_s": round(st.refused / (warmup + seconds), 1), "late": st.late}
+
+
+def scenario_identity(ctx):
+    """One server with --jwt-secret-file, --token and --anonymous-rooms: posting at --identity-clients with a
+    JWT each, with the shared token, with none, in rounds (order rotated); then the JWT posters alone
+    against the JWT posters beside --identity-bad-rate refused tokens a second, alternating."""
+    secret = os.urandom(32)
+    path = os.path.join(ctx.tmpdir, "identity.secret")
+    with open(path, "wb") as f:
+        f.write(secret)
+    args = ["--host", HOST, "--port", "0", "--quiet", "--db", ":memory:", "--max-timeout", "300",
+            "--allow-host", HOST, "--jwt-secret-file", path, "--token", IDENTITY_SHARED_TOKEN,
+            "--anonymous-rooms", "anon"]
+    srv = Server(ctx, args=args).start()
+    ctx.server_lines.add(srv.first_line)
+    # Anonymous clients on a server of their own: with --token set, --anonymous-rooms is not honoured
+    # (anonymous requests get 401 whatever the room; see the README's "who may do what").
+    anon = Server(ctx, args=args[:args.index("--token")] + args[args.index("--token") + 2:]).start()
+    n = ctx.identity_clients
+    t = int(time.time())
+    jwts = [mint(secret, {"sub": "bench-%d" % i, "name": "Bench %d" % i, "iat": t, "exp": t + 86400,
+                          "rooms": {"read": ["jwt"], "post": ["jwt"]}}) for i in range(n)]
+    servers = {"jwt": srv, "shared": srv, "none": anon}
+    kinds = {"jwt": [authorized_post("jwt", token) for token in jwts],
+             "shared": [authorized_post("shared", IDENTITY_SHARED_TOKEN)] * n,
+             "none": [authorized_post("anon", None)] * n}
+    res = {"scenario": "identity", "clients": n, "seconds": ctx.identity_seconds, "rounds": ctx.identity_rounds,
+           "bad_rate": ctx.identity_bad_rate, "bad_kinds": list(IDENTITY_BAD_KINDS)}
+    rows = {kind: [] for kind in kinds}
+    errors = 0
+    try:
+        order = list(kinds)
+        for rnd_no in range(ctx.identity_rounds):
+            for kind in order[rnd_no % 3:] + order[:rnd_no % 3]:
+                on = servers[kind]
+                cpu0 = on.cpu()
+                r = identity_run(on.port, kinds[kind], ctx.identity_seconds, ctx.post_warmup)
+                r["us_per_post"] = rnd((on.cpu() - cpu0) / r["answered"] * 1e6, 1) if r["answered"] else None
+                errors += r["errors"]
+                rows[kind].append(r)
+                log("identity: %s, round %d: %.0f posts/s, p99 %s ms, %s us of server CPU per post" %
+                    (kind, rnd_no + 1, r["rps"], r["p99_ms"], r["us_per_post"]))
+        for kind, rs in rows.items():
+            res[kind] = {key: [r[key] for r in rs] for key in ("rps", "p99_ms", "us_per_post")}
+            res[kind + "_rps"] = median(res[kind]["rps"])
+            res[kind + "_p99_ms"] = median(res[kind]["p99_ms"])
+            res[kind + "_us_per_post"] = median(res[kind]["us_per_post"])
+        if res["jwt_us_per_post"] is not None and res["shared_us_per_post"] is not None:
+            res["jwt_over_shared_us"] = rnd(res["jwt_us_per_post"] - res["shared_us_per_post"], 1)
+        # The control: as many requests a second with valid tokens (GETs of the posters' room, 200), so
+        # that what any request costs a saturated core is told apart from what a refused token costs.
+        extra = {"without": (None, 401), "with": (bad_tokens(secret, 400), 401), "valid": (jwts, 200)}
+        flood = {key: [] for key in extra}
+        order = list(extra)
+        for rnd_no in range(ctx.identity_rounds):
+            for key in order[rnd_no % 3:] + order[:rnd_no % 3]:
+                tokens, expect = extra[key]
+                cpu0, t0 = srv.cpu(), now()
+                r = identity_run(srv.port, kinds["jwt"], ctx.identity_seconds, ctx.post_warmup,
+                                 bad=tokens, bad_rate=ctx.identity_bad_rate, expect=expect)
+                r["cpu_s"] = srv.cpu() - cpu0
+                r["server_cpu_pct"] = rnd(r["cpu_s"] / (now() - t0) * 100.0, 1)
+                errors += r["errors"]
+                flood[key].append(r)
+                log("identity: JWT posters, %s, round %d: %.0f posts/s, p99 %s ms, %s extra requests/s, "
+                    "%d late, server CPU %s %%" % ({"without": "alone", "with": "beside refused tokens",
+                                                    "valid": "beside valid-token GETs"}[key], rnd_no + 1, r["rps"],
+                                                   r["p99_ms"], r["refused_per_s"], r["late"], r["server_cpu_pct"]))
+        alone_us = median([r["cpu_s"] / r["answered"] for r in flood["without"] if r["answered"]])
+        for key, rs in flood.items():
+            if key != "without" and alone_us:
+                # Server CPU per extra request: the run's CPU less its posts at the cost they had alone.
+                for r in rs:
+                    r["us_per_extra"] = rnd((r["cpu_s"] - r["answered"] * alone_us) / max(1, r["refused"]) * 1e6, 1)
+                res[key + "_us_per_request"] = median([r["us_per_extra"] for r in rs])
+            res["flood_" + key] = {k: [r[k] for r in rs] for k in ("rps", "p99_ms", "refused_per_s", "late",
+                                                                   "server_cpu_pct")}
+            res["flood_%s_p99_ms" % key] = median(res["flood_" + key]["p99_ms"])
+            res["flood_%s_rps" % key] = median(res["flood_" + key]["rps"])
+        res["refused_per_s"] = median(res["flood_with"]["refused_per_s"])
+        if res["flood_without_p99_ms"]:
+            res["p99_ratio"] = rnd(res["flood_with_p99_ms"] / res["flood_without_p99_ms"], 3)
+            res["valid_p99_ratio"] = rnd(res["flood_valid_p99_ms"] / res["flood_without_p99_ms"], 3)
+    finally:
+        srv.stop()
+        anon.stop()
+    res["errors"] = errors
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
 # Targets and the table
 
 
@@ -3471,6 +3695,35 @@ def targets_for(r, results):
         row("fan-out: CPU taken by others (parking + fan-out)", r.get("fanout_others_cpu_pct"), " % of a core",
             fmt="%.0f")
         row("fan-out: failed", r.get("fanout_errors"), "", "0", r.get("fanout_errors") == 0)
+    elif sc == "identity":
+        for kind, what in (("none", "no token (anonymous room)"), ("shared", "the shared --token"),
+                           ("jwt", "a JWT each")):
+            x = r.get(kind) or {}
+            row("%s: posts/s, p99" % what, "%s, %s ms (medians of %s; %s ms)" % (
+                num(r.get(kind + "_rps"), "%.0f"), num(r.get(kind + "_p99_ms")),
+                ", ".join("%.0f" % v for v in x.get("rps", [])), ", ".join(num(v) for v in x.get("p99_ms", []))))
+            row("%s: server CPU / post" % what, "%s us (%s)" % (num(r.get(kind + "_us_per_post"), "%.0f"),
+                                                               ", ".join(num(v, "%.0f") for v in x.get("us_per_post", []))))
+        extra = r.get("jwt_over_shared_us")
+        row("JWT over the shared token, CPU / post", extra, " us", "<= %.0f us" % IDENTITY_US_TARGET,
+            extra is not None and extra <= IDENTITY_US_TARGET, fmt="%.1f")
+        for key, what in (("without", "JWT posters alone"), ("with", "beside refused tokens"),
+                          ("valid", "beside valid-token GETs (control)")):
+            x = r.get("flood_" + key) or {}
+            row("%s: posts/s, p99" % what, "%s, %s ms (%s ms)" % (
+                num(r.get("flood_%s_rps" % key), "%.0f"), num(r.get("flood_%s_p99_ms" % key)),
+                ", ".join(num(v) for v in x.get("p99_ms", []))))
+        x = r.get("flood_with") or {}
+        row("refused tokens: 401s / s, late", "%s (%s), late %s" % (
+            num(r.get("refused_per_s"), "%.0f"), ", ".join(num(v, "%.0f") for v in x.get("refused_per_s", [])),
+            ", ".join(str(v) for v in x.get("late", []))), "", ">= %.0f / s" % (0.95 * r.get("bad_rate", 0)),
+            (r.get("refused_per_s") or 0) >= 0.95 * r.get("bad_rate", 0))
+        row("server CPU / refused token; / valid-token GET", "%s / %s us" % (
+            num(r.get("with_us_per_request"), "%.0f"), num(r.get("valid_us_per_request"), "%.0f")))
+        row("p99 beside valid-token GETs / alone (control)", r.get("valid_p99_ratio"), "", fmt="%.3f")
+        ratio = r.get("p99_ratio")
+        row("p99 with refused tokens / without", ratio, "", "<= %.2f" % IDENTITY_P99_RATIO_TARGET,
+            ratio is not None and ratio <= IDENTITY_P99_RATIO_TARGET, fmt="%.3f")
     elif sc == "backup" and r.get("part") == "posting":
         for kind, what in (("old", "previous server (%s, EXCLUSIVE)" % BACKUP_BASELINE_COMMIT),
                            ("new", "this server (OS lock)")):
@@ -3571,6 +3824,8 @@ def size_label(r):
     if sc == "adversarial":
         what = {"polls": "%d polls", "streams": "%d streams", "order": "order, %dx2 readers"}.get(r.get("part"), "%d")
         return (what % r.get("clients", 0)) + ", run %d" % r.get("run", 1)
+    if sc == "identity":
+        return "memory, %d clients" % r.get("clients", 0)
     if sc == "backup":
         if r.get("part") == "posting":
             return "file, %d clients, old vs new" % r.get("clients", 0)
@@ -3650,7 +3905,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smallest sizes of every scenario, in about 15 s (a unit test runs it)")
     p.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
-                   help="comma list of %s (default all but adversarial and backup)" % ",".join(SCENARIOS))
+                   help="comma list of %s (default all but adversarial, backup and identity)" % ",".join(SCENARIOS))
     p.add_argument("--server", default=os.path.join(here, "..", "chat_server.py"),
                    help="path of chat_server.py (default: ../chat_server.py beside this file)")
     p.add_argument("--wake-sizes", type=parse_ints, help="waiters per wake run (default 1,100,1000; quick 1,20)")
@@ -3704,6 +3959,11 @@ def main(argv=None):
     p.add_argument("--backup-clients", type=int, default=16,
                    help="backup: posting clients while the backup and Litestream read the file (default 16)")
     p.add_argument("--backup-seconds", type=float, help="backup: posting alone, and with Litestream x2 (default 3; quick 1)")
+    p.add_argument("--identity-clients", type=int, default=16, help="identity: posting clients (16)")
+    p.add_argument("--identity-seconds", type=float, help="identity: each row (default 3; quick 0.3)")
+    p.add_argument("--identity-rounds", type=int, help="identity: rounds of each row (default 3; quick 1)")
+    p.add_argument("--identity-bad-rate", type=float, default=2000.0,
+                   help="identity: refused tokens a second beside the JWT posters (2000)")
     p.add_argument("--batch", type=int, default=PARK_BATCH, help="connections per parking batch")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     a = p.parse_args(argv)
@@ -3752,6 +4012,10 @@ def main(argv=None):
     ctx.backup_db_mib = max(1, a.backup_db_mib or (32 if q else 1024))
     ctx.backup_clients = max(1, a.backup_clients)
     ctx.backup_seconds = a.backup_seconds or (1.0 if q else 3.0)
+    ctx.identity_clients = max(1, a.identity_clients)
+    ctx.identity_seconds = a.identity_seconds or (0.3 if q else 3.0)
+    ctx.identity_rounds = max(1, a.identity_rounds or (1 if q else 3))
+    ctx.identity_bad_rate = max(0.0, a.identity_bad_rate)
     biggest = max(ctx.fanout_sizes + ctx.wake_sizes + ctx.stream_sizes +
                   [ctx.idle_waiters, ctx.post_fanout, ctx.stream_rate_streams,
                    2 * ctx.shard_waiters if "shards" in a.only else 0,
@@ -3861,6 +4125,10 @@ def main(argv=None):
                     "Litestream" % (ctx.backup_clients, ctx.backup_db_mib),
                     {"scenario": "backup", "part": "latency", "clients": ctx.backup_clients,
                      "db_mib": ctx.backup_db_mib}, scenario_backup_latency, ctx)
+            elif sc == "identity":
+                run("identity: %d clients posting with a JWT each, the shared token, none; then beside %g refused "
+                    "tokens a second" % (ctx.identity_clients, ctx.identity_bad_rate),
+                    {"scenario": "identity", "clients": ctx.identity_clients}, scenario_identity, ctx)
             elif sc == "adversarial":
                 sizes = {"polls": ctx.adv_polls, "streams": ctx.adv_streams, "order": ctx.adv_readers}
                 what = {"polls": "%d non-reading polls on distinct (after, limit), a burst of 64 x 10,000 '\"'",
