@@ -3128,16 +3128,18 @@ class AccessPolicy:
             raise HTTPError(403, "your sign-in does not let you %s in room %r" % (action, room),
                             headers={"WWW-Authenticate": bearer_challenge(
                                 "insufficient_scope", "no %s permission for room %s" % (action, room))})
-        if self.token:
-            raise self._needs_token()
-        if self.identity_required and not rooms_match(self.anonymous_rooms, room):
+        if self.identity_required:
+            if rooms_match(self.anonymous_rooms, room):
+                return
             raise HTTPError(401, "room %r needs a sign-in: send 'Authorization: Bearer <token>' (anonymous "
                             "clients may use only the rooms that --anonymous-rooms names)" % room,
                             headers={"WWW-Authenticate": bearer_challenge()})
+        if self.token:
+            raise self._needs_token()
 
     def check_room_list(self, identity):
         """HTTPError 401 unless `identity` (None: anonymous) may list rooms (those it may read)."""
-        if identity is None and self.token:
+        if identity is None and self.token and not self.identity_required:
             raise self._needs_token()
 
     def may_read(self, identity, room):
@@ -3432,6 +3434,10 @@ class TokenVerifier:
         admin = claims.get("admin", False)
         if not isinstance(admin, bool):
             raise TokenError("'admin' must be true or false")
+        if "aud" in claims:
+            # RFC 7519 4.1.3: a token whose audience does not name the server is refused;
+            # this server has no name to find there, so a token meant for one is not for it.
+            raise TokenError("the token names an audience ('aud'); tokens for this server have none")
         return (Identity(user, name, read, post, admin), -math.inf if not_before is None else not_before, expires)
 
 
