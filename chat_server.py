@@ -4395,16 +4395,49 @@ PAGE_HTML = """<!doctype html>
 [hidden] { display: none !important; }
 html, body { height: 100%; }
 body {
-  margin: 0; display: flex; flex-direction: column; height: 100vh; height: 100dvh;
+  margin: 0; display: flex; height: 100vh; height: 100dvh;
   background: var(--bg); color: var(--fg);
   font: 16px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 }
+#column { flex: 1; min-width: 0; display: flex; flex-direction: column; }
+#sidebar {
+  width: 15rem; flex: none; display: flex; flex-direction: column; gap: .5rem; padding: .75rem;
+  border-right: 1px solid var(--line); background: var(--card); overflow-y: auto;
+}
+#sidebar h2 { margin: 0; font-size: .8rem; text-transform: uppercase; letter-spacing: .05em; color: var(--muted); }
+#room-list { list-style: none; margin: 0; padding: 0; }
+#room-list a {
+  display: flex; align-items: center; gap: .5rem; padding: .35rem .5rem; border-radius: 6px;
+  color: var(--fg); text-decoration: none; overflow-wrap: anywhere;
+}
+#room-list a[aria-current="page"] { background: var(--mine); font-weight: 600; }
+#room-list .badge {
+  margin-left: auto; min-width: 1.4rem; padding: 0 .4rem; border-radius: 999px; text-align: center;
+  font-size: .75rem; font-weight: 600; background: var(--accent); color: var(--on-accent);
+}
+#room-list .badge.mention { background: var(--bad); }
+#room-form { display: flex; flex-direction: column; gap: .3rem; margin-top: auto; }
+#room-form .row { display: flex; gap: .35rem; }
+#room-form input { flex: 1; }
+#room-rule { font-size: .75rem; color: var(--muted); }
+#room-rule.bad { color: var(--bad); }
+#drawer { display: none; }
+header button { white-space: nowrap; }
+#heading { display: flex; align-items: baseline; gap: .6rem; min-width: 0; flex: 1; }
+#title, #here { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#title { margin: 0; font-size: 1.1rem; flex: none; max-width: 60%; }
+#here { font-size: .85rem; color: var(--muted); min-width: 0; }
+.mention .text { border-left: 3px solid var(--bad); }
+.at { font-weight: 600; color: var(--accent); }
+#older { margin: .5rem auto; text-align: center; font-size: .85rem; color: var(--muted); }
+#note button { margin-left: .5rem; }
 form, p { margin: 0; }
 header, #token-form {
   display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; padding: .5rem .75rem;
   border-bottom: 1px solid var(--line);
 }
-#room-form, .field { display: flex; align-items: center; gap: .35rem; }
+.field { display: flex; align-items: center; gap: .35rem; }
+.field.stack { flex-direction: column; align-items: stretch; }
 label { font-size: .9rem; color: var(--muted); }
 input, textarea, button {
   font: inherit; color: inherit; background: var(--bg);
@@ -4415,8 +4448,8 @@ button.quiet { background: transparent; color: var(--accent); }
 button.quiet[aria-pressed="true"]::before { content: "✓ "; }
 button.busy { opacity: .6; cursor: progress; }
 :focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
-#room { width: 8.5rem; }
-#name { width: 9rem; }
+#room { min-width: 0; }
+#name { width: 100%; }
 #state { margin-left: auto; font-size: .85rem; color: var(--muted); }
 #status::before {
   content: ""; display: inline-block; width: .6em; height: .6em; margin-right: .4em;
@@ -4449,6 +4482,17 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
 .author { font-weight: 600; color: var(--fg); overflow-wrap: anywhere; }
 .anon { font-style: italic; font-weight: 400; color: var(--muted); }
 .verified::after { content: " ✓"; color: var(--ok); font-weight: 600; }
+.foot { grid-column: 1; display: flex; gap: .5rem; align-items: center; min-height: 0; font-size: .75rem; color: var(--muted); }
+.mine .foot { grid-column: 2; justify-content: flex-end; }
+.foot:empty { display: none; }
+.act { padding: 0 .4rem; font-size: .75rem; border: none; visibility: hidden; }
+li:hover .act, li:focus-within .act { visibility: visible; }
+li:not(.mine) .act { display: none; }
+body.admin li:not(.mine) .act { display: inline-block; }
+.deleted .text { font-style: italic; color: var(--muted); }
+.editor { grid-column: 1; display: flex; gap: .4rem; flex-wrap: wrap; }
+.mine .editor { grid-column: 2; }
+.editor textarea { flex: 1 1 16rem; min-height: 3rem; }
 .guest { font-size: .75rem; font-weight: 400; color: var(--muted); }
 #me { margin: 0; font-size: .85rem; color: var(--muted); }
 .c0 { color: var(--c0); } .c1 { color: var(--c1); } .c2 { color: var(--c2); } .c3 { color: var(--c3); }
@@ -4474,8 +4518,22 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; border: 0;
   overflow: hidden; clip: rect(0 0 0 0); white-space: nowrap;
 }
+/* A phone: the rooms are a drawer behind a button, the header is one row. */
+@media (max-width: 720px) {
+  #drawer { display: inline-block; }
+  #sidebar {
+    position: fixed; z-index: 2; inset: 0 auto 0 0; width: min(18rem, 85vw);
+    box-shadow: 0 0 24px rgba(0, 0, 0, .35); transform: translateX(-105%); visibility: hidden;
+  }
+  body.drawer-open #sidebar { transform: none; visibility: visible; }
+  header { flex-wrap: nowrap; }
+  #me { display: none; }
+  #state { margin-left: 0; font-size: .75rem; }
+  #state { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; min-width: 0; }
+}
 @media (max-width: 520px) {
   header { gap: .35rem .5rem; }
+  #notify { display: none; }  /* phone browsers show notifications from service workers only */
   #room, #name { width: 6.5rem; }
   #state { margin-left: 0; }
   #messages li { grid-template-columns: fit-content(92%) 1fr; }
@@ -4486,21 +4544,32 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
 @media (max-width: 520px), (pointer: coarse) {
   input, textarea, button { min-height: 44px; }
   button { min-width: 44px; }
+  .act { visibility: visible; }
 }
 </style>
 </head>
 <body data-max-body="{{MAX_BODY_BYTES}}" data-max-author="{{MAX_AUTHOR_CHARS}}">
-<header>
-  <form id="room-form" autocomplete="off">
-    <label for="room">Room</label>
-    <input id="room" maxlength="64" spellcheck="false" autocapitalize="off" enterkeyhint="go">
-    <button>Go</button>
-  </form>
-  <p id="me" hidden></p>
-  <div class="field" id="name-field">
+<nav id="sidebar" aria-label="Rooms">
+  <h2>Rooms</h2>
+  <ul id="room-list"></ul>
+  <div class="field stack" id="name-field">
     <label for="name">Name</label>
     <input id="name" autocomplete="nickname" placeholder="anonymous" dir="auto">
   </div>
+  <form id="room-form" autocomplete="off">
+    <label for="room">Join or start a room</label>
+    <div class="row">
+      <input id="room" maxlength="64" spellcheck="false" autocapitalize="off" enterkeyhint="go" aria-describedby="room-rule">
+      <button>Go</button>
+    </div>
+    <p id="room-rule">Letters, digits, _ - and . (not first); up to 64.</p>
+  </form>
+</nav>
+<div id="column">
+<header>
+  <button id="drawer" type="button" class="quiet" aria-controls="sidebar" aria-expanded="false">Rooms</button>
+  <div id="heading"><h1 id="title">default</h1> <span id="here"></span></div>
+  <p id="me" hidden></p>
   <button id="notify" type="button" class="quiet" aria-pressed="false" hidden
     title="Show a desktop notification for new messages while this tab is in the background">Notify me</button>
   <p id="state"><span id="status" role="status">connecting</span> <span id="countdown" aria-hidden="true"></span></p>
@@ -4527,6 +4596,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   </div>
   <p id="hint"><span id="hint-text">Enter sends, Shift+Enter adds a line</span> <span id="count" hidden></span></p>
 </form>
+</div>
 <script>
 'use strict';
 (function () {
@@ -4538,6 +4608,8 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   const sendForm = $('send-form'), sendButton = $('send'), counter = $('count'), hint = $('hint-text');
   const tokenForm = $('token-form'), tokenInput = $('token'), tokenLabel = $('token-label');
   const notifyButton = $('notify'), meEl = $('me'), nameField = $('name-field');
+  const roomList = $('room-list'), titleEl = $('title'), hereEl = $('here'), drawer = $('drawer'), roomRule = $('room-rule');
+  const ROOMS_EVERY_MS = 5000, PRESENCE_EVERY_MS = 5000, OLDER_PAGE = 50;   // cheap: both are read from memory
 
   // The server's limits, written into <body data-...> by the server.
   const MAX_BODY = Number(document.body.dataset.maxBody) || 0;      // bytes of the whole JSON request
@@ -4586,9 +4658,11 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   function signIn() {
     const claims = claimsOf(session.get('signin'));
     me = claims && typeof claims.sub === 'string' ?
-      { user: claims.sub, name: typeof claims.name === 'string' ? claims.name : claims.sub, exp: Number(claims.exp) } : null;
+      { user: claims.sub, name: typeof claims.name === 'string' ? claims.name : claims.sub, exp: Number(claims.exp),
+        admin: claims.admin === true } : null;
     if (!me) session.set('signin', '');
     meEl.hidden = nameField.hidden = false;
+    document.body.classList.toggle('admin', !!(me && me.admin));
     if (me) {
       meEl.textContent = 'Signed in as ' + me.name;
       nameField.hidden = true;
@@ -4611,7 +4685,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     saved.set('tag', '');
   }
 
-  let room = 'default', cursor = null, loaded = false, byId = new Map();
+  let room = 'default', cursor = null, loaded = false, byId = new Map(), changes = new Set();
   let gen = 0, ctrl = null, state = 'connecting', unread = 0, sending = false;
   let stick = true, jumpCount = 0;        // stick: the reader is at the bottom of the list
   const info = new WeakMap();              // <li> -> {author, client, t, day}, for grouping
@@ -4623,7 +4697,18 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     const chars = Array.from(s);
     return chars.length > n ? chars.slice(0, n - 1).join('') + '…' : s;
   }
-  const say = (text) => { note.textContent = text; };
+  // A note under the messages; with `retry`, a Retry button beside it that calls it.
+  function say(text, retry) {
+    note.textContent = text;
+    if (retry && text) {
+      const again = el('button', 'quiet');
+      again.type = 'button';
+      again.textContent = 'Retry';
+      again.addEventListener('click', () => retry());
+      note.append(again);
+    }
+  }
+  let pendingSend = false;
   function el(tag, cls) {
     const e = document.createElement(tag);
     if (cls) e.className = cls;
@@ -4679,7 +4764,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     if (isNaN(t)) return time;
     time.dateTime = iso;
     time.title = new Date(t).toLocaleString();
-    time.textContent = new Date(t).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    time.textContent = new Date(t).toLocaleTimeString([], { hour: 'numeric', minute: '2-digit' });
     return time;
   }
   function colourOf(name) {
@@ -4706,6 +4791,37 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     const after = shown.charAt(prefix.length);
     return after === '' || '/?#'.includes(after);
   }
+  // @name of someone here or who wrote lately is marked; a message that names us is a mention.
+  const known = new Set();    // lower-case names: present users and recent authors
+  const myName = () => (me ? me.name : authorName()).toLowerCase();
+  const NAME_END = ' .,;:!?()[]{}<>"@' + String.fromCharCode(9, 10);
+  function appendText(parent, text) {
+    let done = 0;
+    for (let i = text.indexOf('@'); i >= 0; i = text.indexOf('@', i + 1)) {
+      let end = i + 1;
+      while (end < text.length && !NAME_END.includes(text[end])) end++;
+      const name = text.slice(i + 1, end).toLowerCase();
+      if (!name || !(known.has(name) || name === myName())) continue;
+      if (i > done) parent.append(text.slice(done, i));
+      const at = el('span', 'at');
+      at.textContent = text.slice(i, end);
+      parent.append(at);
+      done = end;
+      i = end - 1;
+    }
+    if (done < text.length) parent.append(text.slice(done));
+  }
+  function mentionsMe(body) {
+    const name = myName();
+    if (!name) return false;
+    const text = String(body).toLowerCase();
+    for (let i = text.indexOf('@' + name); i >= 0; i = text.indexOf('@' + name, i + 1)) {
+      const after = text.charAt(i + 1 + name.length);
+      if (after === '' || NAME_END.includes(after)) return true;
+    }
+    return false;
+  }
+
   function linkify(parent, text) {
     let done = 0, m;
     URL_START.lastIndex = 0;
@@ -4728,7 +4844,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
       let url = null;
       try { url = new URL(text.slice(start, end)); } catch (e) { url = null; }
       if (!url || !url.hostname) continue;
-      if (start > done) parent.append(text.slice(done, start));
+      if (start > done) appendText(parent, text.slice(done, start));
       const a = el('a'), shown = withoutBidiControls(text.slice(start, end));
       a.href = url.href;
       a.dir = 'ltr';
@@ -4744,16 +4860,23 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
       done = end;
       URL_START.lastIndex = end;
     }
-    if (done < text.length) parent.append(text.slice(done));
+    if (done < text.length) appendText(parent, text.slice(done));
   }
 
   // Mine: by the verified user where the message has one (the same person on two devices),
   // else by this browser's tag.
   const isMine = (m) => m.user ? !!me && m.user === me.user : !!myTag && m.client === myTag;
 
-  // Show one message, once per id, in id (= time) order; null if it was not added.
+  // Show one message, once per id, in id (= time) order; null if it was not added. An edit
+  // or a delete is a message too (the log is append-only), but it is not shown as one: it
+  // changes the message it names, for every reader, as it arrives.
   function add(m) {
-    if (!m || typeof m.id !== 'string' || byId.has(m.id) || (m.room && m.room !== room)) return null;
+    if (!m || typeof m.id !== 'string' || byId.has(m.id) || changes.has(m.id) || (m.room && m.room !== room)) return null;
+    if (m.edits || m.deletes) {
+      changes.add(m.id);
+      applyChange(m);
+      return null;
+    }
     const t = Date.parse(m.created_at), author = typeof m.author === 'string' ? m.author : '';
     const li = el('li'), meta = el('div', 'meta'), text = el('div', 'text');
     const who = el('span', author ? 'author ' + colourOf(author) : 'author anon');
@@ -4764,6 +4887,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
                    day: isNaN(t) ? '' : new Date(t).toDateString() });
     who.dir = 'auto';
     who.textContent = author || 'anonymous';
+    if (author) known.add(author.toLowerCase());
     if (typeof m.user === 'string' && m.user) {
       sawVerified = true;
       who.classList.add('verified');
@@ -4778,8 +4902,8 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     }
     meta.append(when(m.created_at, t));
     text.dir = 'auto';
-    linkify(text, String(m.body));
-    li.append(meta, text);
+    li.append(meta, text, el('div', 'foot'));
+    if (m.deleted) showDeleted(li); else showText(li, String(m.body), !!m.edited_at);
     let next = null;
     for (let e = list.lastElementChild; e && e.dataset.id > m.id; e = e.previousElementSibling) next = e;
     list.insertBefore(li, next);
@@ -4787,6 +4911,101 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     if (next) decorate(next);
     byId.set(m.id, li);
     return li;
+  }
+
+  // The text of a message, "edited" after it when it was, and Edit and Delete where this
+  // reader may use them (its own messages; an admin's, anyone's): buttons, so a keyboard
+  // reaches them, shown on hover and focus with a mouse and always on a touch screen.
+  function showText(li, body, edited) {
+    const text = li.querySelector('.text'), foot = li.querySelector('.foot');
+    text.textContent = '';
+    linkify(text, body);
+    li.classList.toggle('mention', !li.classList.contains('mine') && mentionsMe(body));
+    foot.textContent = '';
+    if (edited) {
+      const mark = el('span', 'edited');
+      mark.textContent = 'edited';
+      foot.append(mark);
+    }
+    const edit = el('button', 'quiet act'), del = el('button', 'quiet act');
+    edit.type = del.type = 'button';
+    edit.textContent = 'Edit';
+    del.textContent = 'Delete';
+    edit.addEventListener('click', () => startEdit(li));
+    del.addEventListener('click', () => askDelete(li, del));
+    foot.append(edit, del);
+  }
+  function showDeleted(li) {
+    const text = li.querySelector('.text');
+    li.classList.add('deleted');
+    text.textContent = 'message deleted';
+    li.querySelector('.foot').textContent = '';
+  }
+  function applyChange(m) {
+    const li = byId.get(m.edits || m.deletes);
+    if (!li || li.classList.contains('deleted')) return;
+    if (m.deletes) showDeleted(li);
+    else showText(li, String(m.body), true);    // under an open editor too: it shows once closed
+  }
+  const mayChange = (li) => !li.classList.contains('deleted') && (li.classList.contains('mine') || !!(me && me.admin));
+
+  async function change(payload) {
+    payload.client = client;
+    let res = null, data = null;
+    try {
+      res = await fetch(roomUrl(room), { method: 'POST', headers: headers({ 'Content-Type': 'application/json' }),
+                                         body: JSON.stringify(payload) });
+      data = await res.json().catch(() => null);
+    } catch (e) { res = null; }
+    if (res && res.status === 201 && data) {
+      add(data);
+      return true;
+    }
+    say(!res ? "Not changed: can't reach the server." : data && data.error ? 'Not changed: ' + data.error
+        : 'Not changed (error ' + res.status + ').');
+    return false;
+  }
+  function startEdit(li) {
+    if (!mayChange(li) || li.querySelector('form')) return;
+    const text = li.querySelector('.text'), old = text.textContent;
+    const form = el('form', 'editor'), box = el('textarea'), save = el('button'), cancel = el('button', 'quiet');
+    box.value = old;
+    box.setAttribute('aria-label', 'Edit your message');
+    save.textContent = 'Save';
+    cancel.textContent = 'Cancel';
+    cancel.type = 'button';
+    form.append(box, save, cancel);
+    text.hidden = true;
+    li.querySelector('.foot').hidden = true;
+    li.append(form);
+    box.focus();
+    const close = () => { form.remove(); text.hidden = false; li.querySelector('.foot').hidden = false; };
+    cancel.addEventListener('click', () => { close(); bodyInput.focus(); });
+    box.addEventListener('keydown', (e) => {
+      if (e.key === 'Escape') { close(); bodyInput.focus(); return; }
+      // As in the message box: Enter saves (not with a touch screen), Shift+Enter adds a line.
+      if (e.key === 'Enter' && !e.shiftKey && !e.isComposing && e.keyCode !== 229 && !touch.matches) {
+        e.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    form.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const body = clean(box.value, false);
+      if (!body.trim() || body === old) { close(); return; }
+      if (await change({ edits: li.dataset.id, body: body })) close();
+    });
+  }
+  // Delete asks once more on the button itself (no dialog): a second press within 5 s deletes.
+  function askDelete(li, button) {
+    if (!mayChange(li)) return;
+    if (button.dataset.armed) {
+      change({ deletes: li.dataset.id });
+      return;
+    }
+    button.dataset.armed = '1';
+    button.textContent = 'Delete for everyone?';
+    setTimeout(() => { delete button.dataset.armed; button.textContent = 'Delete'; }, 5000);
   }
 
   // A day divider above the first message of each day, and one header for a run of an
@@ -4854,7 +5073,11 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     if (document.visibilityState === 'hidden') {
       unread += news.length;
       updateTitle();
-      notify(news);
+      // A message that mentions us is the one a notification is about.
+      const mentions = news.filter((m) => mentionsMe(m.body));
+      notify(mentions.length ? mentions : news, mentions.length > 0);
+    } else {
+      markSeen();
     }
   }
 
@@ -4893,7 +5116,9 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
 
   // -- desktop notifications (asked for on a click only; shown only while the tab is hidden) --
 
-  const canNotify = 'Notification' in window;
+  // Phone browsers have a Notification object but show notifications from service workers
+  // only: the button is offered where this page can show one.
+  const canNotify = 'Notification' in window && !touch.matches;
   const notifying = () => canNotify && Notification.permission === 'granted' && saved.get('notify') === 'on';
   function showNotifyButton() {
     notifyButton.hidden = !canNotify || Notification.permission === 'denied';
@@ -4909,10 +5134,11 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     }
     showNotifyButton();
   });
-  function notify(messages) {
+  function notify(messages, mention) {
     if (!notifying()) return;
     const last = messages[messages.length - 1];
-    const title = messages.length > 1 ? messages.length + ' new messages in ' + room
+    const title = mention ? (last.author || 'anonymous') + ' mentioned you in ' + room
+      : messages.length > 1 ? messages.length + ' new messages in ' + room
       : (last.author || 'anonymous') + ' in ' + room;
     try {
       const n = new Notification(title, { body: clip(String(last.body), 200), tag: 'chat-' + room });
@@ -4925,7 +5151,11 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   function reset() {
     cursor = null;
     loaded = false;
+    atStart = false;
+    loadingOlder = false;
+    olderEl.textContent = '';
     byId = new Map();
+    changes = new Set();
     list.textContent = '';
     scrollToBottom();
     showEmpty();
@@ -4936,7 +5166,8 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     let fails = 0;
     while (g === gen) {
       const wait = state !== 'connected' ? 0 : document.visibilityState === 'hidden' ? HIDDEN_POLL_S : POLL_S;
-      const q = (cursor ? '?after=' + encodeURIComponent(cursor) : '?tail=' + RECENT) + '&timeout=' + wait;
+      const q = (cursor ? '?after=' + encodeURIComponent(cursor) : '?tail=' + RECENT) + '&timeout=' + wait +
+        (!me && authorName() ? '&name=' + encodeURIComponent(authorName()) : '');
       const withToken = !!saved.get('token');
       let res = null, data = null;
       try {
@@ -4949,8 +5180,11 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
         fails = 0;
         loaded = true;
         setState('connected');
+        if (pendingSend) say('Not sent yet.', send);   // the connection is back: say what is true now
         addAll(data, history);
         if (data.length) cursor = data[data.length - 1].id;
+        if (history && data.length < RECENT) showStart('This is the start of the room.');
+        if (history) markSeen();
         continue;
       }
       if (res && (res.status === 410 || (res.status === 400 && data && typeof data === 'object' && 'latest' in data))) {
@@ -5027,13 +5261,140 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     if (r && !ROOM_RE.test(r)) { say('“' + clip(r, 40) + '” is not a room name; this is the default room.'); r = ''; }
     room = r || 'default';
     roomInput.value = room;
+    titleEl.textContent = room;
+    hereEl.textContent = '';
     unread = 0;
     updateTitle();
     reset();
     start();
+    closeDrawer();
+    showRooms();
+    loadPresence();
     if (tokenForm.hidden) bodyInput.focus();
   }
   window.addEventListener('hashchange', openRoom);
+
+  // -- the rooms: a sidebar (a drawer on a phone), unread counts, who is here --
+
+  // The newest id seen in each room, in this browser: a room whose newest is later has news.
+  const seenOf = (r) => saved.get('seen.' + r);
+  function markSeen() {
+    const last = list.lastElementChild;
+    if (last && last.dataset.id > seenOf(room)) saved.set('seen.' + room, last.dataset.id);
+    if (cursor && cursor > seenOf(room)) saved.set('seen.' + room, cursor);
+  }
+  let rooms = [], badges = {};
+  async function loadRooms() {
+    let res = null, data = null;
+    try {
+      res = await fetch('rooms?limit=200', { headers: headers(), cache: 'no-store' });
+      data = await res.json().catch(() => null);
+    } catch (e) { res = null; }
+    if (!res || !res.ok || !Array.isArray(data)) return;
+    rooms = data;
+    for (const r of rooms) {
+      if (!seenOf(r.name)) saved.set('seen.' + r.name, r.latest);   // first sight: nothing unread yet
+      if (r.name !== room && r.latest > seenOf(r.name)) badges[r.name] = await unreadIn(r.name);
+      else delete badges[r.name];
+    }
+    showRooms();
+  }
+  // {count, mentions} of what came after the last id seen in a room (a page of it at most).
+  async function unreadIn(r) {
+    try {
+      const res = await fetch(roomUrl(r) + '?timeout=0&limit=100&after=' + encodeURIComponent(seenOf(r)),
+                              { headers: headers(), cache: 'no-store' });
+      const data = await res.json();
+      if (!res.ok || !Array.isArray(data)) return { count: 0, mentions: 0 };
+      const news = data.filter((m) => !m.edits && !m.deletes && !m.deleted && !isMine(m));
+      return { count: news.length, mentions: news.filter((m) => mentionsMe(m.body)).length };
+    } catch (e) { return { count: 0, mentions: 0 }; }
+  }
+  function showRooms() {
+    roomList.textContent = '';
+    const names = rooms.map((r) => r.name);
+    if (!names.includes(room)) names.unshift(room);
+    for (const name of names) {
+      const li = el('li'), a = el('a'), label = el('span'), badge = badges[name];
+      a.href = '#' + encodeURIComponent(name);
+      label.textContent = name;
+      a.append(label);
+      if (name === room) a.setAttribute('aria-current', 'page');
+      if (name !== room && badge && badge.count) {
+        const b = el('span', badge.mentions ? 'badge mention' : 'badge');
+        b.textContent = badge.mentions ? '@' + badge.mentions : String(badge.count);
+        b.title = badge.count + ' unread' + (badge.mentions ? ', ' + badge.mentions + ' mentioning you' : '');
+        a.append(b);
+      }
+      li.append(a);
+      roomList.append(li);
+    }
+  }
+  async function loadPresence() {
+    const asked = room;
+    let data = null;
+    try {
+      const res = await fetch('rooms/' + encodeURIComponent(room) + '/presence', { headers: headers(), cache: 'no-store' });
+      data = res.ok ? await res.json() : null;
+    } catch (e) { data = null; }
+    if (asked !== room || !data || typeof data.count !== 'number') return;
+    const names = (data.users || []).map((u) => u.name).filter((n) => typeof n === 'string' && n);
+    for (const n of names) known.add(n.toLowerCase());
+    const shown = names.slice(0, 2), more = data.count - shown.length;
+    hereEl.textContent = !data.count ? '' : data.count + ' here' + (shown.length ? ': ' + shown.join(', ') +
+      (more > 0 ? ' and ' + more + ' more' : '') : '');
+  }
+  setInterval(loadRooms, ROOMS_EVERY_MS);
+  setInterval(loadPresence, PRESENCE_EVERY_MS);
+  function closeDrawer() {
+    document.body.classList.remove('drawer-open');
+    drawer.setAttribute('aria-expanded', 'false');
+  }
+  drawer.addEventListener('click', () => {
+    const open = !document.body.classList.contains('drawer-open');
+    document.body.classList.toggle('drawer-open', open);
+    drawer.setAttribute('aria-expanded', String(open));
+    if (open) (roomList.querySelector('a') || roomInput).focus();
+  });
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && document.body.classList.contains('drawer-open')) { closeDrawer(); drawer.focus(); }
+  });
+  roomInput.addEventListener('input', () => {
+    const r = roomInput.value.trim(), ok = !r || ROOM_RE.test(r);
+    roomRule.classList.toggle('bad', !ok);
+    roomRule.textContent = ok ? 'Letters, digits, _ - and . (not first); up to 64.'
+      : 'Not a room name: use letters, digits, _ - and . (not first), up to 64.';
+  });
+
+  // -- older messages: scrolling to the top loads the page before the first one shown --
+
+  const olderEl = el('p');
+  olderEl.id = 'older';
+  log.insertBefore(olderEl, list);
+  let atStart = false, loadingOlder = false;
+  function showStart(text) { atStart = true; olderEl.textContent = text; }
+  async function loadOlder() {
+    const first = list.firstElementChild, asked = room, g = gen;
+    if (atStart || loadingOlder || !loaded || !first) return;
+    loadingOlder = true;
+    olderEl.textContent = 'Loading older messages…';
+    let res = null, data = null;
+    try {
+      res = await fetch(roomUrl(room) + '?limit=' + OLDER_PAGE + '&before=' + encodeURIComponent(first.dataset.id),
+                        { headers: headers(), cache: 'no-store' });
+      data = await res.json().catch(() => null);
+    } catch (e) { res = null; }
+    loadingOlder = false;
+    if (asked !== room || g !== gen) return;
+    if (res && res.status === 410) { showStart('Older messages are no longer kept.'); return; }
+    if (!res || !res.ok || !Array.isArray(data)) { olderEl.textContent = ''; return; }
+    olderEl.textContent = '';
+    const height = log.scrollHeight, top = log.scrollTop;
+    for (const m of data) add(m);
+    log.scrollTop = top + log.scrollHeight - height;     // the reader's place stays where it was
+    if (data.length < OLDER_PAGE) showStart('This is the start of the room.');
+  }
+  log.addEventListener('scroll', () => { if (log.scrollTop < 80) loadOlder(); }, { passive: true });
   $('room-form').addEventListener('submit', (e) => {
     e.preventDefault();
     const r = roomInput.value.trim();
@@ -5130,6 +5491,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
     sendButton.classList.remove('busy');
     sendForm.removeAttribute('aria-busy');
     if (res && res.status === 201 && data && typeof data.id === 'string') {
+      pendingSend = false;
       say('');
       learnTag(data.client);
       if (bodyInput.value === text) {
@@ -5150,7 +5512,8 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
       say('Enter the access token, then send the message again.');
       return;
     }
-    say(sendError(res, timedOut));
+    pendingSend = true;
+    say(sendError(res, timedOut), send);
     bodyInput.focus();
   }
 
@@ -5192,6 +5555,7 @@ main { flex: 1; position: relative; overflow-y: auto; padding: .25rem .75rem .75
   showNotifyButton();
   updateCounter();
   openRoom();
+  loadRooms();
 }());
 </script>
 </body>

@@ -46,7 +46,9 @@ pins down one behaviour:
     Event stream         EventStreamTest
     Metrics              MetricsTest (/metrics, /stats, /healthz)
     Web page             PageSecurityPolicyTest; in Chromium: BrowserTest, PageTest,
-                         SignInPageTest, PageProxyTest, CrossSiteTest, EventSourceTest,
+                         SignInPageTest, ChatAppPageTest (rooms, presence, edits, older
+                         messages, mentions, retry, the phone's drawer), PageProxyTest,
+                         CrossSiteTest, EventSourceTest,
                          PageLayoutTest
     Command line         CommandLineTest, FlagsTest, ImportRoomTest
     Client               FollowCommandTest, PostCommandTest, EmbeddingTest, PythonVersionTest
@@ -54,6 +56,9 @@ pins down one behaviour:
                          NginxDeploymentTest (the README's nginx and systemd configurations),
                          NginxAuthRequestTest (the README's auth_request recipe: the user comes
                          from the site's auth service, nginx binding 127.0.0.2)
+    The edge cache       EdgeCacheTest (the README's Varnish edge: followers of one room share one
+                         poll per URL; 410s and posts never kept; restarts; normalised limits; the
+                         edge giving up on a poll; a full cache; hostile headers)
     The README's own examples
                          ReadmeTranscriptTest (also the follow and post commands),
                          ReadmeClientsTest (the loops, run as programs), ReadmeJavaScriptClientTest
@@ -82,6 +87,7 @@ virtual environment, .ci/.venv-litestream, which it names in $CHAT_LITESTREAM):
     The README's transcripts and loops     curl and bash (transcripts), curl and jq (the
                                            shell loop), Node 18 or later (the JavaScript loop
                                            as a program); CommandLineTest's curl test too
+    EdgeCacheTest                          varnishd and varnishstat (Debian's varnish)
     FullDiskTest, ReadOnlyMountTest        Linux and root, to mount a small tmpfs
     UnsentBudgetTest, FanOutMemoryTest     /proc, to read the process's memory
     LitestreamTest                         litestream: $CHAT_LITESTREAM, else on PATH, else
@@ -4372,6 +4378,11 @@ class TokenVerifierTest(unittest.TestCase):
         self.refused("%s.%s.%s" % (b64url(b"not json"), payload, signature), "not JSON")
         self.refused(signed_token(claims_for(), header=["HS256"]), "not a JSON object")
 
+    def test_a_token_for_an_audience_is_refused(self):
+        # RFC 7519 4.1.3: the server names no audience, so a token meant for one is not for it.
+        self.refused(signed_token(claims_for(aud="another-service")), "audience")
+        self.refused(signed_token(claims_for(aud=["chat", "other"])), "audience")
+
     def test_strict_json_claims(self):
         head = b64url({"alg": "HS256", "typ": "JWT"})
         twice = b64url(b'{"sub":"ann","sub":"root","exp":%d}' % (time.time() + 3600))
@@ -5391,7 +5402,8 @@ class BrowserTest(ChromiumTestCase):
                          ['<img src=x onerror="window.__xss=3">'] * 3 + ["<i>eve</i>"])
         self.assertEqual(self.a.js("return document.querySelectorAll('#messages *').length"
                                    " - document.querySelectorAll('#messages li, #messages li > div,"
-                                   " #messages li > div > span, #messages li > div > time').length;"), 0)
+                                   " #messages li > div > span, #messages li > div > time,"
+                                   " #messages li > div.foot > button.act').length;"), 0)     # our Edit/Delete
         self.assertEqual(self.a.js("return document.querySelectorAll('img, b, i, #messages script').length;"), 0)
         self.assertIsNone(self.a.js("return window.__xss === undefined ? null : window.__xss;"))
 
@@ -5516,7 +5528,7 @@ class PageTest(PageTestCase):
         origin = self.base.rstrip("/")
         self.assertEqual([name for name in self.a.js(
             "return performance.getEntriesByType('resource').map(function (e) { return e.name; });")
-            if not name.startswith(origin + "/rooms/")], [])
+            if not name.startswith(origin + "/rooms")], [])      # the page asks its own server only
 
     def test_a_hidden_tab_keeps_following_and_counts_unread_messages_in_the_title(self):
         self.open(self.a, "lobby")
@@ -6138,6 +6150,142 @@ class SignInPageTest(PageTestCase):
         self.assertIsNone(self.a.js("return sessionStorage.getItem('chat.signin');"))
 
 
+class ChatAppPageTest(PageTestCase):
+    """The page a group uses every day: rooms with unread counts, who is here, edits and deletes,
+    older messages on scrolling up, mentions, an honest retry, the drawer on a phone."""
+
+    def sidebar(self, browser):
+        return browser.js("return Array.from(document.querySelectorAll('#room-list a')).map(function (a) {"
+                          " var b = a.querySelector('.badge'); return [a.firstChild.textContent,"
+                          " b ? b.textContent : '', a.getAttribute('aria-current') || '']; });")
+
+    def test_rooms_in_the_sidebar_with_unread_counts_and_mentions(self):
+        self.post("two", "earlier", author="bob")
+        self.b.get(self.base + "#one")
+        self.b.js("localStorage.setItem('chat.name', 'ann');")
+        self.open(self.a, "one")
+        self.reload(self.b, "one")
+        _wait_for(lambda: [r[0] for r in self.sidebar(self.a)] == ["one", "two"] or
+                  [r[0] for r in self.sidebar(self.a)] == ["two", "one"], 8, "both rooms listed")
+        self.post("two", "news 1", author="bob")
+        self.post("two", "hey @ann, look", author="bob")
+        _wait_for(lambda: ["two", "@1", ""] in self.sidebar(self.b), 10, "the other room's badge counts a mention")
+        _wait_for(lambda: any(r[0] == "two" and r[1] == "2" for r in self.sidebar(self.a)), 10,
+                  "the other room's unread count")
+        self.open(self.b, "two")
+        self.wait_bodies(self.b, ["earlier", "news 1", "hey @ann, look"])
+        self.assertEqual(self.b.js("return document.querySelector('#messages li:last-child').classList.contains('mention');"),
+                         True)
+        self.assertEqual(self.b.js("return document.querySelector('#messages li:last-child .at').textContent;"), "@ann")
+        self.assertEqual(self.b.js("return document.getElementById('title').textContent;"), "two")
+
+    def test_who_is_here_appears_and_goes(self):
+        self.open(self.a, "meet")
+        self.b.get(self.base + "#meet")
+        self.b.js("localStorage.setItem('chat.name', 'Bob');")
+        self.reload(self.b, "meet")
+        _wait_for(lambda: "Bob" in self.a.js("return document.getElementById('here').textContent;"), 10,
+                  "Bob appears as here")
+        self.b.get("about:blank")       # Bob closes the tab
+        later = time.monotonic() + chat_server.MAX_TIMEOUT_S + chat_server.PRESENCE_GRACE_S + 1
+        def gone():
+            self.server.presence.forget_gone(later)
+            return "Bob" not in self.a.js("return document.getElementById('here').textContent;")
+        _wait_for(gone, 10, "Bob is gone from the header")
+
+    def test_an_edit_and_a_delete_are_seen_by_the_other_browser(self):
+        self.open(self.a, "fix")
+        self.open(self.b, "fix")
+        self.send_from_page(self.a, "teh typo", author="ann")
+        self.send_from_page(self.a, "a mistake")
+        self.wait_bodies(self.b, ["teh typo", "a mistake"])
+        self.assertEqual(self.b.js("return document.querySelectorAll('#messages .act').length ? "
+                                   "getComputedStyle(document.querySelector('#messages .act')).display : 'none';"), "none")
+        self.a.js("document.querySelector('#messages li .act').click();")      # Edit, on the first
+        self.a.clear("#messages li .editor textarea")
+        self.a.send_keys("#messages li .editor textarea", "the typo, fixed" + _ENTER)
+        self.wait_bodies(self.b, ["the typo, fixed", "a mistake"])
+        self.assertEqual(self.b.js("return document.querySelector('#messages li .edited').textContent;"), "edited")
+        delete = "document.querySelectorAll('#messages li')[1].querySelectorAll('.act')[1].click();"
+        self.a.js(delete)
+        self.assertEqual(self.a.js("return document.querySelectorAll('#messages li')[1].querySelectorAll('.act')[1]"
+                                   ".textContent;"), "Delete for everyone?")
+        self.a.js(delete)
+        self.wait_bodies(self.b, ["the typo, fixed", "message deleted"])
+        self.wait_bodies(self.a, ["the typo, fixed", "message deleted"])
+        self.reload(self.b, "fix")       # history says the same
+        self.wait_bodies(self.b, ["the typo, fixed", "message deleted"])
+
+    def test_scrolling_up_loads_older_messages_and_keeps_the_place(self):
+        bodies = ["old %d" % i for i in range(160)]
+        for body in bodies:
+            self.post("long", body, author="bob")
+        self.open(self.a, "long")
+        self.wait_bodies(self.a, bodies[60:])
+        anchor = "var li = document.querySelector('#messages li'); return [li.dataset.id, li.getBoundingClientRect().top];"
+        first_id, _ = self.a.js(anchor)
+        self.a.js("document.getElementById('log').scrollTop = 0;")
+        _wait_for(lambda: len(self.a.bodies()) == 150, 5, "a page of older messages")
+        top = self.a.js("var l = document.getElementById('log'); return document.querySelector("
+                        "'#messages li[data-id=\"' + arguments[0] + '\"]').getBoundingClientRect().top - l.getBoundingClientRect().top;",
+                        first_id)
+        self.assertGreater(top, -5, "the message that was first is still in view, where it was")
+        self.a.js("document.getElementById('log').scrollTop = 0;")
+        _wait_for(lambda: len(self.a.bodies()) == 160, 5, "the rest")
+        self.a.js("document.getElementById('log').scrollTop = 0;")
+        _wait_for(lambda: self.a.js("return document.getElementById('older').textContent;")
+                  == "This is the start of the room.", 5, "the start of the room says so")
+        self.assertEqual(self.a.bodies(), bodies)
+
+    def test_a_failed_send_offers_retry_and_the_note_goes_once_sent(self):
+        self.open(self.a, "retry")
+        self.stop_chat_server()
+        self.send_from_page(self.a, "sent later", author="ann")
+        _wait_for(lambda: self.a.js("var b = document.querySelector('#note button'); return b ? b.textContent : '';")
+                  == "Retry", 10, "a Retry button")
+        self.restart_chat_server()
+        _wait_for(lambda: self.a.status() == "connected", 40, "reconnected")
+        self.assertNotIn("reach", self.a.js("return document.getElementById('note').textContent;"))
+        self.a.click("#note button")
+        self.wait_bodies(self.a, ["sent later"])
+        self.assertEqual(self.a.js("return document.getElementById('note').textContent;"), "")
+
+    def test_on_a_phone_the_rooms_are_a_drawer_and_the_header_is_one_row(self):
+        self.post("elsewhere", "hi", author="bob")
+        self.a.set_window_size(390, 844)
+        self.addCleanup(self.a.set_window_size, 1000, 800)
+        self.open(self.a, "phone")
+        header = "var h = document.querySelector('header'); return h.getBoundingClientRect().height;"
+        self.assertLess(self.a.js(header), 70, "one row")
+        visible = "var r = document.getElementById('sidebar').getBoundingClientRect(); return r.right > 0 && " \
+                  "getComputedStyle(document.getElementById('sidebar')).visibility === 'visible';"
+        self.assertFalse(self.a.js(visible))
+        self.a.click("#drawer")
+        _wait_for(lambda: self.a.js(visible), 3, "the drawer opens")
+        self.assertEqual(self.a.js("return document.getElementById('drawer').getAttribute('aria-expanded');"), "true")
+        _wait_for(lambda: any(r[0] == "elsewhere" for r in self.sidebar(self.a)), 8, "rooms in the drawer")
+        self.a.js("Array.from(document.querySelectorAll('#room-list a')).find(function (a) {"
+                  " return a.textContent.indexOf('elsewhere') === 0; }).click();")
+        _wait_for(lambda: self.a.js("return document.getElementById('title').textContent;") == "elsewhere", 3, "moved")
+        self.assertFalse(self.a.js(visible))
+        self.assertLessEqual(self.a.js("return document.documentElement.scrollWidth - window.innerWidth;"), 0)
+
+    def test_a_room_name_is_checked_as_it_is_typed(self):
+        self.open(self.a, "lobby")
+        self.a.clear("#room")
+        self.a.send_keys("#room", ".bad name")
+        self.assertIn("Not a room name", self.a.js("return document.getElementById('room-rule').textContent;"))
+        self.a.clear("#room")
+        self.a.send_keys("#room", "good-name")
+        self.assertNotIn("Not", self.a.js("return document.getElementById('room-rule').textContent;"))
+
+    def test_times_have_no_leading_zero(self):
+        self.post("clock", "early", author="bob")
+        self.open(self.a, "clock")
+        self.wait_bodies(self.a, ["early"])
+        self.assertFalse(self.a.js("return document.querySelector('#messages time').textContent;").startswith("0"))
+
+
 class PageProxyTest(PageTestCase):
     """The page behind a reverse proxy that serves it under a path prefix."""
 
@@ -6306,11 +6454,17 @@ class PageLayoutTest(PageTestCase):
             (yesterday + 260, "team", "me", "Looking now; javascript:alert(1) stays plain text.", me),
         ])
         self.use_server(*_start_server(db=path))
-        self.post("team", "Thanks! Merged.", author="bob")
-        self.post("team", "Lunch at noon?", author="dave")
-        self.post("team", "Yes, see you there.", author="me", client=client)
+        self.post("random", "Anyone up for a walk? 🚶", author="erin")
+        self.post("team", "Thanks! Merged. 🎉", author="bob")
+        typo = self.post("team", "Lunch at noun?", author="dave", client="dave-browser-1")
+        self.request("POST", "/rooms/team/messages", {"edits": typo["id"], "body": "Lunch at noon?",
+                                                       "client": "dave-browser-1"})
+        oops = self.post("team", "wrong window, sorry", author="dave", client="dave-browser-1")
+        self.request("POST", "/rooms/team/messages", {"deletes": oops["id"], "client": "dave-browser-1"})
+        self.post("team", "Yes, see you there. @dave can you book?", author="me", client=client)
+        self.post("team", "@me booked for four.", author="dave")
         self.addCleanup(self.cdp, self.a, "Emulation.clearDeviceMetricsOverride")
-        for width, height, kind in ((1000, 800, "desktop"), (390, 844, "phone")):
+        for width, height, kind in ((1280, 800, "desktop"), (390, 844, "phone")):
             for scheme in ("light", "dark"):
                 # The viewport itself at this size (a window size would include the browser's frame).
                 self.cdp(self.a, "Emulation.setDeviceMetricsOverride", {
@@ -6322,7 +6476,7 @@ class PageLayoutTest(PageTestCase):
                           " localStorage.setItem('chat.name', 'me');", client, me)
                 self.a.get("about:blank")
                 self.open(self.a, "team")
-                count = len(self.stored("team"))
+                count = len([m for m in self.stored("team") if "edits" not in m and "deletes" not in m])
                 _wait_for(lambda: len(self.a.bodies()) == count, 3, "all shown")
                 self.set_body(self.a, "A long reply. " * 600)
                 _wait_for(lambda: self.shown(self.a, "#count"), 2, "counter")
@@ -6992,6 +7146,314 @@ class NginxAuthRequestTest(NginxSiteTestCase):
         self.assertEqual(status, 401, data)
         status, _, data = self.plain(self.nginx_port, "GET", "/rooms/team/messages?timeout=0", headers=self.ANN)
         self.assertEqual([(m["body"], m["user"]) for m in data], [("hello", "ann"), ("as root?", "ann")])
+
+
+# ---------------------------------------------------------------------------
+# The edge cache
+# ---------------------------------------------------------------------------
+
+VARNISHD = shutil.which("varnishd") or ("/usr/sbin/varnishd" if os.path.exists("/usr/sbin/varnishd") else None)
+VARNISHSTAT = shutil.which("varnishstat") or ("/usr/bin/varnishstat" if os.path.exists("/usr/bin/varnishstat") else None)
+EDGE_VCL = "# /etc/varnish/chat-edge.vcl: followers of public rooms held by Varnish, one poll per URL to the server"
+
+
+class PrivateVarnish:
+    """varnishd as the README starts it, with its port, VCL path and (if given) storage changed, in the
+    foreground (-F) with its own working directory (-n) under `directory`; stopped by its PID."""
+
+    def __init__(self, directory, vcl, port, storage=None):
+        self.directory, self.port = directory, port
+        self.vcl_path = os.path.join(directory, "chat-edge.vcl")
+        with open(self.vcl_path, "w") as f:
+            f.write(vcl)
+        args = shlex.split(readme_command("varnishd ")[0])
+        args[args.index("-a") + 1] = "127.0.0.1:%d" % port
+        args[args.index("-f") + 1] = self.vcl_path
+        if storage:
+            args[args.index("-s") + 1] = storage
+        self.args = [VARNISHD] + args[1:] + ["-F", "-n", os.path.join(directory, "varnish")]
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError("varnishd exited: %s" % self.proc.stderr.read().decode("utf-8", "replace"))
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError("varnishd did not listen on %d within 30 s" % self.port)
+                time.sleep(0.1)
+
+    def stop(self):
+        stop_process(self.proc)
+
+    def counter(self, name):
+        """One of varnishstat's counters, e.g. MAIN.n_lru_nuked."""
+        out = subprocess.run([VARNISHSTAT, "-n", os.path.join(self.directory, "varnish"), "-1", "-f", name],
+                             capture_output=True, text=True, timeout=30).stdout
+        return int(out.split()[1]) if out.strip() else 0
+
+
+class EdgeFollower(threading.Thread):
+    """A follower of `room` through the edge: polls with its cursor, records every id it gets, and
+    asks again after errors or a broken connection, until it has `want` messages or `stop` is set."""
+
+    def __init__(self, test, room, after, want):
+        super().__init__(daemon=True)
+        self.test, self.room, self.after, self.want = test, room, after, want
+        self.ids, self.statuses, self.stop = [], [], threading.Event()
+
+    def run(self):
+        while len(self.ids) < self.want and not self.stop.is_set():
+            try:
+                status, _, body = self.test.edge_get("/rooms/%s/messages?after=%s&limit=5&timeout=3"
+                                                     % (self.room, self.after), timeout=60)
+            except OSError:
+                self.statuses.append("broken")
+                time.sleep(0.2)
+                continue
+            self.statuses.append(status)
+            if status != 200:
+                time.sleep(0.2)
+                continue
+            for message in json.loads(body):
+                self.ids.append(message["id"])
+                self.after = message["id"]
+
+
+@unittest.skipUnless(VARNISHD and VARNISHSTAT, "the edge cache's configuration needs varnishd and varnishstat (Debian's varnish)")
+class EdgeCacheTest(unittest.TestCase):
+    """The README's edge (its server command line, varnishd command line and VCL), with only ports, file
+    paths and, where a test says so, one number changed: followers through Varnish share one poll per URL."""
+
+    ROOM = "big"
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        os.chmod(self.tmp, 0o755)           # varnishd's child runs as its own user
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.server_port, self.edge_port = _free_port(), _free_port()
+        self.db = os.path.join(self.tmp, "chat.db")
+        self.log_path = os.path.join(self.tmp, "server.log")
+
+    def start_server(self, *extra):
+        """The chat server as the README's edge section starts it, on our port and database file."""
+        command = [c for c in readme_command("python3 chat_server.py ") if "--edge-cache" in c][0]
+        args = shlex.split(command)[2:]
+        args[args.index("--port") + 1] = str(self.server_port)
+        args[args.index("--db") + 1] = self.db
+        self.log = open(self.log_path, "a")
+        self.addCleanup(self.log.close)
+        self.server = subprocess.Popen([sys.executable, SERVER_SCRIPT] + args + list(extra),
+                                       stdout=subprocess.PIPE, stderr=self.log)
+        self.addCleanup(stop_process, self.server)
+        self.assertIn("serving on", self.server.stdout.readline().decode())
+
+    def start_edge(self, storage=None, change=None):
+        vcl = readme_blocks("vcl")[EDGE_VCL].replace('.port = "8080";', '.port = "%d";' % self.server_port)
+        if change:
+            self.assertIn(change[0], vcl)
+            vcl = vcl.replace(*change)
+        self.edge = PrivateVarnish(self.tmp, vcl, self.edge_port, storage)
+        self.addCleanup(lambda: self.edge.stop())
+
+    def start(self, *extra, **edge):
+        self.start_server(*extra)
+        self.start_edge(**edge)
+
+    def edge_get(self, path, headers=None, method="GET", body=None, timeout=20, port=None):
+        """(status, headers, body) of one request through the edge (or to `port`)."""
+        with socket.create_connection(("127.0.0.1", port or self.edge_port), timeout=timeout) as sock:
+            head = "%s %s HTTP/1.1\r\nConnection: close\r\n" % (method, path)
+            headers = dict({"Host": "chat.example.org"}, **(headers or {}))
+            for name, value in headers.items():
+                head += "%s: %s\r\n" % (name, value)
+            if body is not None:
+                head += "Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+            sock.sendall(head.encode() + b"\r\n" + (body or b""))
+            return ResponseReader(sock).read(to_head=method == "HEAD")
+
+    def post(self, text, port=None, retry=False):
+        for _ in range(3 if retry else 1):
+            status, _, body = self.edge_get("/rooms/%s/messages" % self.ROOM, method="POST",
+                                            body=json.dumps({"body": text}).encode(), port=port)
+            if status != 503:
+                break
+        self.assertEqual(status, 201, body)
+        return json.loads(body)["id"]
+
+    def server_polls(self, cursor=""):
+        """How many polls of the room (after `cursor`, if given) reached the server, from its log."""
+        self.log.flush()
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            needle = '"GET /rooms/%s/messages?after=%s' % (self.ROOM, cursor)
+            return sum(needle in line for line in f)
+
+    def stats(self):
+        return json.loads(self.edge_get("/stats", port=self.server_port)[2])
+
+    def follow(self, count, after, want):
+        followers = [EdgeFollower(self, self.ROOM, after, want) for _ in range(count)]
+        for follower in followers:
+            follower.start()
+        return followers
+
+    def finish(self, followers, ids, bound=30):
+        for follower in followers:
+            follower.join(bound)
+            follower.stop.set()
+            self.assertEqual(follower.ids, ids, follower.statuses)
+
+    def test_followers_get_every_message_once_in_order_through_one_poll(self):
+        """40 followers through the edge, 15 posts (through the edge too): each follower gets each post once,
+        in order; the server holds one poll for all of them, and their polls send it one per post."""
+        self.start()
+        first = self.post("start")
+        followers = self.follow(40, first, 15)
+        wait_until(lambda: self.server_polls(first) >= 1, 10)
+        time.sleep(0.5)
+        self.assertLessEqual(self.stats()["waiters"], 1)
+        self.assertLessEqual(self.stats()["connections"], 3)
+        ids = []
+        for n in range(15):
+            ids.append(self.post("post %d" % n))
+            wait_until(lambda: all(len(f.ids) > n for f in followers), 10)
+        self.finish(followers, ids)
+        self.assertLessEqual(self.server_polls(), 17)      # one per post and the first, not 40 per post
+
+    def test_a_cursor_older_than_kept_gets_410_through_the_edge_every_time(self):
+        """--retain-count 3 (added here): a cursor the server no longer has gets 410 through the edge, and
+        the 410 is not kept: a second poll with it reaches the server too."""
+        self.start("--retain-count", "3")
+        old = self.post("old")
+        for n in range(8):
+            self.post("newer %d" % n)
+        path = "/rooms/%s/messages?after=%s" % (self.ROOM, old)
+        wait_until(lambda: self.edge_get(path, port=self.server_port)[0] == 410, 10)    # trimmed
+        self.assertEqual(self.edge_get(path)[0], 410)
+        before = self.server_polls(old)
+        status, headers, _ = self.edge_get(path)
+        self.assertEqual(status, 410)
+        self.assertIn("no-store", headers.get("cache-control", ""))
+        self.assertEqual(self.server_polls(old), before + 1)
+
+    def test_posts_through_the_edge_are_never_kept(self):
+        """Two identical posts through the edge are two messages, each sent to the server."""
+        self.start()
+        body = json.dumps({"body": "same"}).encode()
+        answers = [self.edge_get("/rooms/%s/messages" % self.ROOM, method="POST", body=body) for _ in range(2)]
+        self.assertEqual([a[0] for a in answers], [201, 201])
+        self.assertNotEqual(json.loads(answers[0][2])["id"], json.loads(answers[1][2])["id"])
+        for _, headers, _ in answers:
+            self.assertEqual(len(headers["x-varnish"].split()), 1, headers)    # two numbers: a hit
+        status, _, data = self.edge_get("/rooms/%s/messages?limit=10&timeout=0" % self.ROOM)
+        self.assertEqual([m["body"] for m in json.loads(data)], ["same", "same"])
+
+    def test_restarting_the_edge_and_the_server_loses_nothing(self):
+        """Followers resume by cursor across a restart of Varnish and then of the server."""
+        self.start()
+        first = self.post("start")
+        followers = self.follow(10, first, 6)
+        ids = [self.post("a"), self.post("b")]
+        wait_until(lambda: all(len(f.ids) >= 2 for f in followers), 10)
+        self.edge.stop()
+        ids.append(self.post("while the edge is down", port=self.server_port))
+        self.edge.start()
+        ids.append(self.post("after the edge restarted"))
+        wait_until(lambda: all(len(f.ids) >= 4 for f in followers), 15)
+        stop_process(self.server)
+        self.start_server()
+        # Varnish's kept-alive connections went with the old process: a post may get 503 once, and is retried.
+        ids += [self.post("after the server restarted", retry=True), self.post("and one more", retry=True)]
+        self.finish(followers, ids)
+
+    def test_a_cursor_nobody_else_has_is_answered_at_once(self):
+        """While followers wait at the newest message, one with an older cursor gets what follows it."""
+        self.start()
+        ids = [self.post("m%d" % n) for n in range(4)]
+        followers = self.follow(5, ids[-1], 1)
+        wait_until(lambda: self.server_polls(ids[-1]) >= 1, 10)
+        status, _, data = self.edge_get("/rooms/%s/messages?after=%s" % (self.ROOM, ids[0]), timeout=5)
+        self.assertEqual(status, 200)
+        self.assertEqual([m["id"] for m in json.loads(data)], ids[1:])
+        self.assertTrue(all(f.is_alive() and not f.ids for f in followers))
+        last = self.post("last")
+        self.finish(followers, [last])
+
+    def test_limit_and_other_parameters_are_normalised_into_one_url(self):
+        """limit=1, limit=7, a junk parameter and a short timeout all become one URL: one poll at the server,
+        the same answer for all (of at most 100 messages), a hit for all but the first."""
+        self.start()
+        ids = [self.post("m%d" % n) for n in range(4)]
+        answers = [self.edge_get("/rooms/%s/messages?after=%s&%s" % (self.ROOM, ids[0], extra))
+                   for extra in ("limit=1", "limit=7&x=1", "timeout=1&limit=1000&junk=%d" % random.random(), "")]
+        bodies = {a[2] for a in answers}
+        self.assertEqual(len(bodies), 1)
+        self.assertEqual([m["id"] for m in json.loads(bodies.pop())], ids[1:])
+        self.assertEqual([len(a[1]["x-varnish"].split()) for a in answers], [1, 2, 2, 2])
+        self.assertEqual(self.server_polls(ids[0]), 1)
+        status, _, _ = self.edge_get("/rooms/%s/messages?after=%s&limit=0" % (self.ROOM, ids[0]))
+        self.assertEqual(status, 200)       # the edge's limit replaces the one the server would refuse
+
+    def test_a_poll_the_edge_gives_up_on_while_the_server_holds_it(self):
+        """The edge's first_byte_timeout cut to 2 s (here only): the edge gives up on a poll the server still
+        holds; the follower asks again and gets each later message once, none lost, none twice."""
+        self.start(change=(".first_byte_timeout = 40s;", ".first_byte_timeout = 2s;"))
+        first = self.post("start")
+        followers = self.follow(3, first, 3)
+        wait_until(lambda: any(503 in f.statuses for f in followers), 10)
+        ids = [self.post("after the edge gave up")]
+        wait_until(lambda: all(f.ids for f in followers), 10)
+        ids += [self.post("next"), self.post("and next")]
+        self.finish(followers, ids)
+
+    def test_a_full_cache_degrades_to_passing_polls_through(self):
+        """-s malloc,1m (here only) and answers of about 1.5 MiB in all: the edge evicts, and every poll is
+        still answered correctly, by the server when its answer is no longer kept."""
+        self.start(storage="malloc,1m")
+        ids = [self.post("x" * 6000 + str(n)) for n in range(25)]
+        for _ in range(2):
+            for n in range(0, 24, 2):
+                status, _, data = self.edge_get("/rooms/%s/messages?after=%s" % (self.ROOM, ids[n]))
+                self.assertEqual(status, 200)
+                self.assertEqual([m["id"] for m in json.loads(data)], ids[n + 1:])
+        self.assertGreater(self.edge.counter("MAIN.n_lru_nuked"), 0)
+
+    def test_headers_a_client_sends_change_nothing_for_other_followers(self):
+        """A client whose poll starts the fetch others wait on, with hostile headers (Host, X-Forwarded-Host,
+        Origin, Accept, If-None-Match), changes nothing for them; with Authorization it is passed on its own."""
+        self.start()
+        first = self.post("start")
+        hostile = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "Origin": "https://evil.example",
+                   "Accept": "text/html", "If-None-Match": "*", "X-Forwarded-For": "6.6.6.6"}
+        got = {}
+
+        def poll(name, headers):
+            got[name] = self.edge_get("/rooms/%s/messages?after=%s" % (self.ROOM, first), headers, timeout=30)
+
+        poisoner = threading.Thread(target=poll, args=("hostile", hostile))
+        poisoner.start()
+        wait_until(lambda: self.server_polls(first) >= 1, 10)
+        others = [threading.Thread(target=poll, args=(n, {})) for n in range(5)]
+        for thread in others:
+            thread.start()
+        passed = threading.Thread(target=poll, args=("authorized", {"Authorization": "Bearer junk"}))
+        passed.start()
+        wait_until(lambda: self.server_polls(first) >= 2, 10)
+        second = self.post("the news")
+        for thread in [poisoner, passed] + others:
+            thread.join(30)
+        for name in ["hostile"] + list(range(5)):
+            status, headers, body = got[name]
+            self.assertEqual(status, 200, (name, body))
+            self.assertEqual([m["id"] for m in json.loads(body)], [second])
+            self.assertNotIn("access-control-allow-origin", headers)
+        self.assertEqual(got["authorized"][0], 200)
+        self.assertEqual(self.server_polls(first), 2)      # the hostile poll's fetch, and the passed one
 
 
 # ---------------------------------------------------------------------------
