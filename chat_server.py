@@ -6113,7 +6113,7 @@ def follow_command(argv):
             elif args.json:
                 print(JSON_ENCODER.encode(message), flush=True)
             else:
-                print("%s: %s" % (message.get("author") or "anonymous", message.get("body")), flush=True)
+                print(_as_line(message), flush=True)
             if args.state:
                 _write_state(args.state, client.room, message["id"])
     except ClientError as exc:
@@ -6123,6 +6123,18 @@ def follow_command(argv):
         return 0
     finally:
         client.close()
+
+
+def _as_line(message):
+    """A message as the follow command prints it: 'author: body', and what edits and deletes do."""
+    who = message.get("author") or "anonymous"
+    if message.get("deleted"):
+        return "(a deleted message)"
+    if message.get("deletes"):
+        return "%s deleted message %s" % (who, message["deletes"])
+    if message.get("edits"):
+        return "%s edited message %s: %s" % (who, message["edits"], message.get("body"))
+    return "%s: %s" % (who, message.get("body"))
 
 
 def _read_state(path, room):

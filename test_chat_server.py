@@ -6798,6 +6798,19 @@ class FollowCommandTest(unittest.TestCase):
             self.assertEqual(f.read(), repr(("eve", body, "lobby")) + "\n")
         self.assertFalse(os.path.exists(marker))
 
+    def test_edits_and_deletes_are_printed_as_such(self):
+        follower = FollowProcess(self, self.url, "--room", "lobby")
+        time.sleep(0.3)
+        client = chat_server.Client(self.url, room="lobby")
+        self.addCleanup(client.close)
+        first = client._request("POST", client.url, json.dumps({"body": "teh", "client": "follow-test-1"}).encode())[1]
+        client._request("POST", client.url, json.dumps({"edits": first["id"], "body": "the",
+                                                        "client": "follow-test-1"}).encode())
+        client._request("POST", client.url, json.dumps({"deletes": first["id"], "client": "follow-test-1"}).encode())
+        self.assertTrue(follower.wait_for(3))
+        self.assertEqual(follower.lines_read, ["anonymous: teh", "anonymous edited message %s: the" % first["id"],
+                                               "anonymous deleted message %s" % first["id"]])
+
     def test_exit_codes(self):
         self.assertEqual(run_client("follow").returncode, 2)
         self.assertEqual(run_client("follow", "not a url").returncode, 2)
