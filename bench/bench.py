@@ -9,6 +9,7 @@ Run:    python bench/bench.py                 # every scenario, full sizes (abou
         python bench/bench.py --only adversarial --adversarial-runs 5     # not part of the default run
         python bench/bench.py --only backup                               # not part of the default run either
         python bench/bench.py --only identity                             # nor this one
+        python bench/bench.py --only rooms                                # nor this one (about 4 minutes)
 
 Starts ../chat_server.py (relative to this file) as a separate process for each scenario size
 (`--port 0 --quiet --db :memory:`, or a database file in a temporary directory for the durable
@@ -101,6 +102,22 @@ Scenarios
             p99 with the refused tokens within +20 % of without (medians); every one must be a 401. A control
             run puts as many GETs with the posters' valid tokens beside them instead (200 each).
 
+    rooms   Issue 22; only with --only rooms. (a) list: one message posted to each of --rooms-count (1000) rooms
+            (--max-rooms 2000), then --rooms-requests (2000) GET /rooms?limit=1000 from one keep-alive client, one
+            at a time (after --rooms-warmup, 20): p50/p99/max; target p99 <= 5 ms; --db :memory: and a database
+            file. (b) scroll: a database file whose one room holds --rooms-messages (100,000) messages, written
+            with sqlite3 directly (the server creates the file, schema 3, and stores a template row; the rooms
+            table gets the room's count, latest and last_activity); a server on it; page back from the newest
+            to the oldest with before= and limit=--rooms-page (100): each page's latency, target each page
+            <= 5 ms (how many exceeded it); every message exactly once, in order. (c) presence: --rooms-followers
+            (10000) long polls parked on one room, each with its own ?name= (so 10,000 followers, though all
+            come from 127.0.0.1); one POST, time until all are answered (median of --rooms-fanout-rounds, 5);
+            then --rooms-posters (16) keep-alive clients post to that room as fast as answered for
+            --rooms-seconds (3) while every follower polls again as soon as it is answered: posts/s, p99,
+            answers/s to the followers. This server against the one before presence (`git show %s:chat_server.py`,
+            or --rooms-baseline PATH), a fresh --db :memory: server each, alternating, --rooms-runs (3) each;
+            per-run ratios new/old and their median; target: posts/s and fan-out time within 5 %%.
+
 Output: one JSON line per scenario size (post: per row) as it finishes (stdout), then one aligned table
 with PASS/MISS against the targets. Progress goes to stderr.
     backup  Issue 23; only with --only backup (it writes a 1 GiB file). (a) Posting at --backup-post-clients (64)
@@ -151,9 +168,13 @@ LONG_POLL_S = 120                       # ?timeout= for fan-out/idle waiters (se
 LINGER_ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, leaves no TIME_WAIT
 RECONNECT_GAP_S = 0.2                   # stream rate: streams we close mid-run are reopened after this
 
-SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards", "adversarial", "backup", "identity")
-# adversarial runs only when named (it is made to break today's server); backup too (it writes a 1 GiB file)
-DEFAULT_SCENARIOS = SCENARIOS[:-3]
+SCENARIOS = ("wake", "fanout", "idle", "post", "order", "stream", "shards", "adversarial", "backup", "identity",
+             "edge", "rooms")
+# adversarial runs only when named (it is made to break today's server); backup too (it writes a 1 GiB file);
+# identity and edge too (edge needs varnishd and tens of thousands of connections); rooms too (it writes
+# 100,000 messages and runs 6 servers with 10,000 polls each)
+NAMED_ONLY = ("adversarial", "backup", "identity", "edge", "rooms")
+DEFAULT_SCENARIOS = tuple(sc for sc in SCENARIOS if sc not in NAMED_ONLY)
 
 
 def log(msg):
@@ -3054,19 +3075,20 @@ BACKUP_POST_RATIO_TARGET = 0.95         # new / old posts per second, 64 clients
 BACKUP_MAX_MS_TARGET = 100.0            # a post's longest answer while a backup or Litestream reads the file
 
 
-def baseline_server(ctx):
-    """(path of the previous server, None) or (None, why not): --backup-baseline, else git show."""
-    if ctx.backup_baseline != "git":
-        return (ctx.backup_baseline, None) if os.path.exists(ctx.backup_baseline) else \
-            (None, "%s does not exist" % ctx.backup_baseline)
-    out = os.path.join(ctx.tmpdir, "chat_server_%s.py" % BACKUP_BASELINE_COMMIT)
+def baseline_server(ctx, given=None, commit=BACKUP_BASELINE_COMMIT):
+    """(path of a previous server, None) or (None, why not): `given` (default --backup-baseline) if it is not
+    "git", else `commit`'s chat_server.py by git show."""
+    given = ctx.backup_baseline if given is None else given
+    if given != "git":
+        return (given, None) if os.path.exists(given) else (None, "%s does not exist" % given)
+    out = os.path.join(ctx.tmpdir, "chat_server_%s.py" % commit)
     try:
         r = subprocess.run(["git", "-C", os.path.dirname(ctx.server_path), "show",
-                            "%s:chat_server.py" % BACKUP_BASELINE_COMMIT], capture_output=True, timeout=30)
+                            "%s:chat_server.py" % commit], capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as e:
         return None, "git show failed: %s" % e
     if r.returncode:
-        return None, "git show %s:chat_server.py: %s" % (BACKUP_BASELINE_COMMIT, r.stderr.decode()[:200].strip())
+        return None, "git show %s:chat_server.py: %s" % (commit, r.stderr.decode()[:200].strip())
     with open(out, "wb") as f:
         f.write(r.stdout)
     return out, None
@@ -3498,6 +3520,378 @@ def scenario_identity(ctx):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rooms (issue 22): GET /rooms with 1,000 rooms, before= paging through 100,000 stored messages, and the
+# cost of presence to a room with 10,000 parked polls, against the server from before presence existed
+
+ROOMS_BASELINE_COMMIT = "16298ec"       # chat_server.py as it was before 141b154 added rooms and presence
+ROOMS_LIST_P99_TARGET_MS = 5.0          # GET /rooms with 1,000 rooms
+ROOMS_PAGE_TARGET_MS = 5.0              # each before= page of 100
+ROOMS_PRESENCE_TOLERANCE = 0.05         # posting rate and fan-out time with presence, against without
+ROOMS_PRESENCE_ROOM = "presence"
+ROOMS_SCROLL_ROOM = "scroll"
+
+
+def rooms_server_args(ctx, db, max_rooms):
+    """The bench's usual server flags, with --max-rooms."""
+    return ["--host", HOST, "--port", "0", "--quiet", "--db", db, "--max-waiters", str(ctx.max_waiters),
+            "--max-connections", str(ctx.max_connections), "--max-timeout", "300", "--allow-host", HOST,
+            "--max-rooms", str(max_rooms)]
+
+
+def latency_summary(lat, target_ms=None):
+    """p50/p99/max/mean in ms of a list of seconds, and how many exceeded target_ms."""
+    lat = sorted(lat)
+    out = {"n": len(lat), "p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)),
+           "max_ms": ms(lat[-1]) if lat else None, "mean_ms": ms(sum(lat) / len(lat)) if lat else None}
+    if target_ms is not None:
+        out["over_target"] = sum(1 for x in lat if x * 1000.0 > target_ms)
+    return out
+
+
+def scenario_rooms_list(ctx, db_kind):
+    """One message posted to each of --rooms-count rooms, then --rooms-requests GET /rooms?limit=1000 from
+    one keep-alive client, one at a time: latency of each (after --rooms-warmup not counted)."""
+    n = ctx.rooms_count
+    db = ":memory:" if db_kind == "memory" else os.path.join(ctx.tmpdir, "rooms-list-%d.db" % (Server.count + 1))
+    srv = Server(ctx, args=rooms_server_args(ctx, db, max(2000, 2 * n))).start()
+    ctx.server_lines.add(srv.first_line)
+    ctl = Ctl(srv.port)
+    res = {"scenario": "rooms", "part": "list", "db": db_kind, "rooms": n, "requests": ctx.rooms_requests}
+    errors = 0
+    try:
+        t0 = now()
+        names = ["room-%05d" % i for i in range(n)]
+        for name in names:
+            ctl.post(name, "hello %s" % name)
+        res["fill_s"] = rnd(now() - t0)
+        limit = min(1000, n)
+        req = build_request("GET", "/rooms?limit=%d" % limit)
+        status, body = ctl.request(req)
+        if status != 200:
+            raise ProtocolError("GET /rooms answered %s: %r" % (status, body[:200]))
+        rooms = json.loads(body.decode("utf-8"))
+        res["answer_bytes"] = len(body)
+        res["listed"] = len(rooms)
+        latest = [r["latest"] for r in rooms]
+        if len(rooms) != limit or latest != sorted(latest, reverse=True) or \
+                {r["name"] for r in rooms} != set(names[-limit:]):
+            errors += 1
+            log("rooms list: %d rooms listed, expected the %d newest, newest activity first" % (len(rooms), limit))
+        for _ in range(ctx.rooms_warmup):
+            ctl.request(req)
+        lat = []
+        cpu0, t0 = srv.cpu(), now()
+        for _ in range(ctx.rooms_requests):
+            t = now()
+            status, body = ctl.request(req)
+            lat.append(now() - t)
+            if status != 200:
+                errors += 1
+        cpu1, t1 = srv.cpu(), now()
+        res.update(latency_summary(lat, ROOMS_LIST_P99_TARGET_MS))
+        if cpu0 is not None:
+            res["server_us_per_request"] = rnd((cpu1 - cpu0) / len(lat) * 1e6, 1)
+        res["requests_per_s"] = rnd(len(lat) / (t1 - t0), 1)
+    finally:
+        ctl.close()
+        res["server_exit"] = srv.stop()
+    res["errors"] = errors
+    return res
+
+
+def build_scroll_database(ctx, path, n):
+    """A database file whose room ROOMS_SCROLL_ROOM holds `n` messages (a week old, one a millisecond),
+    written with sqlite3 directly in one transaction: the server creates the file (schema version 3) and
+    stores one message to another room, whose row is the template; the rooms table gets the room's count,
+    latest and last_activity, as the server keeps them. Returns the template's id (the newest id issued)."""
+    srv = Server(ctx, db=path, cpus=None).start()
+    try:
+        newest = Ctl(srv.port).post("template", "template")
+    finally:
+        srv.stop()
+    import sqlite3
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != 3:
+            raise ProtocolError("the server wrote schema version %d; this builder knows version 3" % version)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(messages)")]
+        template = list(conn.execute("SELECT %s FROM messages" % ", ".join(columns)).fetchone())
+        sql = "INSERT INTO messages (%s) VALUES (%s)" % (", ".join(columns), ", ".join("?" * len(columns)))
+        i_id, i_room, i_at, i_body = (columns.index(c) for c in ("id", "room", "created_at", "body"))
+        start_ms = int((time.time() - 7 * 86400) * 1000)
+        filler = " scrolling back through a long conversation, one page at a time"
+
+        def rows():
+            for i in range(n):
+                t_ms = start_ms + i
+                value = (t_ms << 80) | (0x7 << 76) | (0b10 << 62) | i
+                text = "%032x" % value
+                row = list(template)
+                row[i_id] = "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+                row[i_room] = ROOMS_SCROLL_ROOM
+                row[i_at] = "%s.%03dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t_ms // 1000)), t_ms % 1000)
+                row[i_body] = "message %06d%s" % (i, filler)
+                yield row
+        conn.execute("BEGIN")
+        conn.executemany(sql, rows())
+        last = conn.execute("SELECT id, created_at FROM messages WHERE room = ? ORDER BY id DESC LIMIT 1",
+                            (ROOMS_SCROLL_ROOM,)).fetchone()
+        conn.execute("INSERT OR REPLACE INTO rooms (name, floor, count, latest, last_activity) VALUES (?, NULL, ?, ?, ?)",
+                     (ROOMS_SCROLL_ROOM, n, last[0], last[1]))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return newest
+
+
+def scenario_rooms_scroll(ctx):
+    """A file of --rooms-messages in one room; page back from its newest to its oldest with before= and
+    limit=--rooms-page from one keep-alive client, one page at a time: each page's latency."""
+    n, limit = ctx.rooms_messages, ctx.rooms_page
+    path = os.path.join(ctx.tmpdir, "rooms-scroll.db")
+    res = {"scenario": "rooms", "part": "scroll", "db": "file", "messages": n, "limit": limit}
+    t0 = now()
+    newest = build_scroll_database(ctx, path, n)
+    res["build_s"] = rnd(now() - t0)
+    res["db_mib"] = rnd(os.path.getsize(path) / 1048576.0, 1)
+    srv = Server(ctx, db=path).start()
+    ctx.server_lines.add(srv.first_line)
+    ctl = Ctl(srv.port)
+    errors = 0
+    try:
+        status, rooms = ctl.get_json("/rooms")
+        listed = [r for r in rooms or [] if r.get("name") == ROOMS_SCROLL_ROOM] if status == 200 else []
+        res["listed_count"] = listed[0].get("count") if listed else None
+        if res["listed_count"] != n:
+            errors += 1
+            log("rooms scroll: GET /rooms says %s messages in %s, %d stored" % (res["listed_count"], ROOMS_SCROLL_ROOM, n))
+        before, lat, got, misordered = newest, [], 0, 0
+        cpu0 = srv.cpu()
+        for _ in range(n // limit + 2):         # bounded: one more than needed, for the empty answer at the start
+            req = build_request("GET", "/rooms/%s/messages?before=%s&limit=%d" % (ROOMS_SCROLL_ROOM, before, limit))
+            t = now()
+            status, body = ctl.request(req)
+            dt = now() - t
+            if status != 200:
+                errors += 1
+                log("rooms scroll: before=%s answered %s %r" % (before, status, body[:200]))
+                break
+            msgs = json.loads(body.decode("utf-8"))
+            if not msgs:
+                res["start_ms"] = ms(dt)        # the empty page that says "no older messages"
+                break
+            lat.append(dt)
+            ids = [m["id"] for m in msgs]
+            if ids != sorted(ids) or ids[-1] >= before or len(set(ids)) != len(ids):
+                misordered += 1
+            got += len(ids)
+            before = ids[0]
+        cpu1 = srv.cpu()
+        res["pages"] = len(lat)
+        res["received"] = got
+        res["misordered_pages"] = misordered
+        res.update(latency_summary(lat, ROOMS_PAGE_TARGET_MS))
+        res["first_page_ms"] = ms(lat[0]) if lat else None
+        if cpu0 is not None and lat:
+            res["server_us_per_page"] = rnd((cpu1 - cpu0) / len(lat) * 1e6, 1)
+        if got != n or misordered:
+            errors += 1
+            log("rooms scroll: %d of %d messages received, %d pages out of order" % (got, n, misordered))
+    finally:
+        ctl.close()
+        res["server_exit"] = srv.stop()
+    res["errors"] = errors
+    return res
+
+
+def named_poll(room, after, i):
+    """A long poll of follower i, which names itself for presence (?name=; the server before presence
+    ignores it): each is its own follower, as 10,000 browsers would be, though all come from one address."""
+    return build_request("GET", "/rooms/%s/messages?after=%s&timeout=%d&name=f%d" % (room, after, LONG_POLL_S, i))
+
+
+def presence_run(ctx, path, kind):
+    """A fresh server (`path`); --rooms-followers named long polls parked on one room. (1) Fan-out: one POST,
+    time until all are answered, --rooms-fanout-rounds rounds (all re-park in between). (2) Posting:
+    --rooms-posters keep-alive clients post to that room as fast as answered for --rooms-seconds, while every
+    follower polls again (after the last id it got) as soon as it is answered."""
+    srv = Server(ctx)
+    srv.path = path
+    srv.start()
+    ctx.server_lines.add(srv.first_line)
+    ctl = Ctl(srv.port)
+    loop = Loop()
+    room, n = ROOMS_PRESENCE_ROOM, ctx.rooms_followers
+    res = {"kind": kind}
+    errors = 0
+    try:
+        cursor = ctl.post(room, "start")
+        st, on_wait, on_post = fanout_callbacks()
+        poster = loop.connect(srv.port, on_post)
+        t_park = now()
+        conns, cerr, ok = park(ctx, srv.port, ctl, loop, n, lambda i: named_poll(room, cursor, i), on_wait, st,
+                               timeout=ctx.park_timeout)
+        res["park_s"] = rnd(now() - t_park)
+        errors += cerr + st.early
+        if not ok or outstanding(conns) != n:
+            raise ProtocolError("only %d of %d followers parked" % (outstanding(conns), n))
+        if kind == "new":
+            status, pres = ctl.get_json("/rooms/%s/presence" % room)
+            res["present"] = pres.get("count") if status == 200 else status
+            if res["present"] != n:
+                errors += 1
+                log("presence: /presence says %s followers, %d parked" % (res["present"], n))
+        rounds, posts = [], []
+        for r in range(ctx.rooms_fanout_rounds):
+            if r:
+                st.t0 = None
+                for c in conns:
+                    c.send(named_poll(room, cursor, c.tag))
+                ok, _ = wait_parked(ctl, loop, lambda: outstanding(conns), ctx.repark_bound)
+                if not ok:
+                    raise ProtocolError("round %d: followers did not re-park" % r)
+            st.got, st.lat, st.post_t = 0, [], None
+            cpu0 = srv.cpu()
+            st.t0 = now()
+            poster.send(post_request(room, "fan-out %d" % r))
+            if not loop.run(lambda: st.got >= n and st.post_t is not None, ctx.fanout_bound):
+                raise ProtocolError("round %d: %d of %d followers answered" % (r, st.got, n))
+            if st.post_status != 201:
+                raise ProtocolError("POST answered %s" % st.post_status)
+            cursor = json.loads(st.post_body.decode("utf-8"))["id"]
+            lat = sorted(st.lat)
+            errors += n - len(lat)
+            rounds.append(lat[-1] if len(lat) == n else None)
+            posts.append(st.post_t - st.t0)
+            settle_cpu(srv, 1.0)
+            res.setdefault("fanout_cpu_us_per_follower", []).append(
+                rnd((srv.cpu() - cpu0) / n * 1e6, 1) if cpu0 is not None else None)
+        st.t0 = None
+        res["fanout_rounds_ms"] = [ms(x) for x in rounds]
+        res["fanout_ms"] = ms(median(rounds))
+        res["fanout_post_ms"] = ms(median(posts))
+        res["fanout_cpu_us"] = median(res["fanout_cpu_us_per_follower"])
+        # (2) posting to the room while its followers keep following.
+        for c in conns:
+            c.send(named_poll(room, cursor, c.tag))
+        ok, _ = wait_parked(ctl, loop, lambda: outstanding(conns), ctx.repark_bound)
+        if not ok:
+            raise ProtocolError("followers did not re-park before posting")
+        ps = State(stop=False, t_start=0.0, t_end=0.0, lat=[], bad=0, done=0, ok=0, answers=0, delivered=0,
+                   fbad=0, behind=0)
+        mark = b'{"id":"'
+
+        def on_follow(c, status, body, t):
+            # A follower that fell more than the room's memory behind (410) skips to the newest message and
+            # follows on from there, as a client that reconnects would: counted, not an error.
+            if status == 410:
+                ps.behind += 1
+            elif status != 200:
+                ps.fbad += 1
+                if ps.fbad <= 3:
+                    log("presence: follower answered %s %r" % (status, body[:120]))
+                return
+            i = body.rfind(mark)
+            if ps.t_start <= t <= ps.t_end and status == 200:
+                ps.answers += 1
+                ps.delivered += body.count(mark)
+            if ps.stop or c.dead:
+                return
+            if i >= 0 and status == 200:
+                c.send(named_poll(room, body[i + 7:i + 43].decode("ascii"), c.tag))
+            else:
+                c.send(build_request("GET", "/rooms/%s/messages?tail=1&name=f%d" % (room, c.tag)))
+
+        req = post_request(room, "posting beside %d followers" % n)
+
+        def on_posted(c, status, body, t):
+            if status != 201:
+                ps.bad += 1
+                if ps.bad <= 3:
+                    log("presence: POST answered %s %r" % (status, body[:120]))
+            else:
+                ps.ok += 1
+                if ps.t_start <= t <= ps.t_end:
+                    ps.lat.append(t - c.t_sent)
+            if t < ps.t_end and not c.dead:
+                c.send(req)
+            else:
+                ps.done += 1
+
+        for c in conns:
+            c.on_resp = on_follow
+        posters = [loop.connect(srv.port, on_posted) for _ in range(ctx.rooms_posters)]
+        others = srv.others()
+        cpu0, t0, me0 = srv.cpu(), now(), self_cpu()
+        ps.t_start = t0 + ctx.post_warmup
+        ps.t_end = ps.t_start + ctx.rooms_seconds
+        for c in posters:
+            c.send(req)
+        loop.run(lambda: ps.done >= len(posters), ctx.post_warmup + ctx.rooms_seconds + 30)
+        cpu1, t1, me1 = srv.cpu(), now(), self_cpu()
+        ps.stop = True
+        lat = sorted(ps.lat)
+        res["posts_rps"] = round(len(lat) / ctx.rooms_seconds, 1)
+        res["post_p50_ms"], res["post_p99_ms"] = ms(percentile(lat, 50)), ms(percentile(lat, 99))
+        res["post_max_ms"] = ms(lat[-1]) if lat else None
+        res["answers_per_s"] = round(ps.answers / ctx.rooms_seconds, 1)
+        res["delivered_per_s"] = round(ps.delivered / ctx.rooms_seconds, 1)
+        if cpu0 is not None:
+            res["server_cpu_pct"] = rnd((cpu1 - cpu0) / (t1 - t0) * 100.0, 1)
+            res["server_us_per_post"] = rnd((cpu1 - cpu0) / max(1, ps.ok) * 1e6, 1)
+        res["bench_cpu_pct"] = rnd((me1 - me0) / (t1 - t0) * 100.0, 1)
+        res["others_cpu_pct"] = others.pct()
+        res["fell_behind"] = ps.behind         # 410s: followers that skipped to the newest message
+        errors += ps.bad + ps.fbad + (len(posters) - ps.done) + st.bad
+        res["dropped_by_server"] = loop.dropped
+    finally:
+        loop.close_all()
+        ctl.close()
+        res["server_exit"] = srv.stop()
+    res["errors"] = errors
+    return res
+
+
+def scenario_rooms_presence(ctx):
+    """presence_run on this server and on the one before presence, alternating, --rooms-runs each."""
+    res = {"scenario": "rooms", "part": "presence", "followers": ctx.rooms_followers, "posters": ctx.rooms_posters,
+           "seconds": ctx.rooms_seconds, "runs": ctx.rooms_runs}
+    old_path, why = baseline_server(ctx, ctx.rooms_baseline, ROOMS_BASELINE_COMMIT)
+    if why:
+        res["skipped"] = "no server without presence to compare with: %s" % why
+        return res
+    res["baseline"] = "%s (%s)" % (ROOMS_BASELINE_COMMIT if ctx.rooms_baseline == "git" else "given", old_path)
+    rows = {"old": [], "new": []}
+    errors = 0
+    for run_no in range(ctx.rooms_runs):
+        for kind in (("old", "new") if run_no % 2 == 0 else ("new", "old")):
+            r = guarded({"kind": kind}, presence_run, ctx, old_path if kind == "old" else ctx.server_path, kind)
+            r["run"] = run_no + 1
+            errors += r.get("errors", 0) + (1 if r.get("exception") else 0)
+            rows[kind].append(r)
+            log("rooms presence: %s server, run %d: fan-out to %d in %s ms (rounds %s), %s posts/s (p99 %s ms), "
+                "%s answers/s (%s fell behind); server CPU %s %%, bench CPU %s %%, others %s %%" %
+                (kind, run_no + 1, ctx.rooms_followers, r.get("fanout_ms"), r.get("fanout_rounds_ms"),
+                 r.get("posts_rps"), r.get("post_p99_ms"), r.get("answers_per_s"), r.get("fell_behind"),
+                 r.get("server_cpu_pct"),
+                 r.get("bench_cpu_pct"), r.get("others_cpu_pct")))
+    keys = ("fanout_ms", "fanout_post_ms", "fanout_cpu_us", "posts_rps", "post_p99_ms", "answers_per_s",
+            "delivered_per_s", "fell_behind", "server_cpu_pct", "server_us_per_post", "bench_cpu_pct", "others_cpu_pct")
+    for kind, rs in rows.items():
+        res[kind] = {k: [r.get(k) for r in rs] for k in keys + ("fanout_rounds_ms", "park_s")}
+        for k in keys:
+            res["%s_%s" % (kind, k)] = median(res[kind][k])
+    res["present"] = [r.get("present") for r in rows["new"]]
+    for k in ("posts_rps", "fanout_ms", "answers_per_s"):
+        ratios = [rnd(n[k] / o[k], 3) if n.get(k) and o.get(k) else None for n, o in zip(rows["new"], rows["old"])]
+        res["ratio_" + k] = ratios
+        res["ratio_%s_median" % k] = median(ratios)
+    res["errors"] = errors
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------
 # Targets and the table
 
 
@@ -3522,6 +3916,19 @@ def targets_for(r, results):
     sc = r["scenario"]
     if r.get("skipped"):
         rows.append(("skipped", r["skipped"][:70], "", "SKIP"))
+        return rows
+    if sc == "edge" and "complete_followers" in r:
+        n = r["followers"]
+        row("followers with every post once, in order", r["complete_followers"], "", "%d" % n,
+            r["complete_followers"] == n)
+        row("all followers have a post, median", r["all_have_ms_median"], " ms", "<= 1000 ms at 20,000",
+            r["all_have_ms_median"] is not None and r["all_have_ms_median"] <= 1000)
+        row("all followers have a post, max", r["all_have_ms_max"], " ms")
+        row("the first follower has it, median", r["first_has_ms_median"], " ms")
+        row("server connections, most", r["server_connections_max"], "", "<= 5",
+            r["server_connections_max"] is not None and r["server_connections_max"] <= 5)
+        row("server CPU per post", r["server_cpu_us_per_post"], " us")
+        row("edge RSS per follower", r["edge_kib_per_follower"], " KiB")
         return rows
     if r.get("exception"):
         rows.append(("exception", r["exception"][:110], "", "FAIL"))
@@ -3724,6 +4131,47 @@ def targets_for(r, results):
         ratio = r.get("p99_ratio")
         row("p99 with refused tokens / without", ratio, "", "<= %.2f" % IDENTITY_P99_RATIO_TARGET,
             ratio is not None and ratio <= IDENTITY_P99_RATIO_TARGET, fmt="%.3f")
+    elif sc == "rooms" and r.get("part") == "list":
+        row("rooms listed / answer", "%s / %s KiB" % (r.get("listed"), num((r.get("answer_bytes") or 0) / 1024.0)))
+        row("GET /rooms p50 / max", "%s / %s ms" % (num(r.get("p50_ms")), num(r.get("max_ms"))))
+        row("GET /rooms p99", r.get("p99_ms"), " ms", "<= %.0f ms" % ROOMS_LIST_P99_TARGET_MS,
+            r.get("p99_ms") is not None and r["p99_ms"] <= ROOMS_LIST_P99_TARGET_MS)
+        row("requests over 5 ms", "%s of %s" % (r.get("over_target"), r.get("n")))
+        row("server CPU / request", r.get("server_us_per_request"), " us")
+    elif sc == "rooms" and r.get("part") == "scroll":
+        row("database built", "%s MiB in %s s" % (num(r.get("db_mib")), num(r.get("build_s"))))
+        row("pages / messages received", "%s / %s" % (r.get("pages"), r.get("received")), "", "%d / %d" % (
+            -(-r["messages"] // r["limit"]), r["messages"]),
+            r.get("received") == r["messages"] and not r.get("misordered_pages"))
+        row("page p50 / p99", "%s / %s ms" % (num(r.get("p50_ms")), num(r.get("p99_ms"))))
+        row("page max", r.get("max_ms"), " ms", "<= %.0f ms" % ROOMS_PAGE_TARGET_MS,
+            r.get("max_ms") is not None and r["max_ms"] <= ROOMS_PAGE_TARGET_MS)
+        row("pages over 5 ms", r.get("over_target"), "", "0", r.get("over_target") == 0)
+        row("server CPU / page", r.get("server_us_per_page"), " us")
+    elif sc == "rooms" and r.get("part") == "presence":
+        for kind, what in (("old", "without presence (%s)" % ROOMS_BASELINE_COMMIT), ("new", "with presence")):
+            x = r.get(kind) or {}
+            row("%s: fan-out to all" % what, "%s ms (%s)" % (num(r.get(kind + "_fanout_ms")), ", ".join(
+                num(v) for v in x.get("fanout_ms", []))))
+            row("%s: posts/s, p99" % what, "%s, %s ms (%s; %s ms)" % (
+                num(r.get(kind + "_posts_rps"), "%.0f"), num(r.get(kind + "_post_p99_ms")),
+                ", ".join(num(v, "%.0f") for v in x.get("posts_rps", [])),
+                ", ".join(num(v) for v in x.get("post_p99_ms", []))))
+            row("%s: answers/s (410s); CPU server / bench" % what, "%s (%s); %s / %s %% (others %s %%)" % (
+                num(r.get(kind + "_answers_per_s"), "%.0f"), num(r.get(kind + "_fell_behind"), "%.0f"), num(r.get(kind + "_server_cpu_pct"), "%.0f"),
+                num(r.get(kind + "_bench_cpu_pct"), "%.0f"), num(r.get(kind + "_others_cpu_pct"), "%.0f")))
+        row("presence count (new)", ", ".join(str(v) for v in r.get("present", [])), "", str(r["followers"]),
+            all(v == r["followers"] for v in r.get("present", [])) and bool(r.get("present")))
+        ratio = r.get("ratio_posts_rps_median")
+        row("posts/s new / old (runs)", "%s (%s)" % (num(ratio, "%.3f"), ", ".join(
+            num(v, "%.3f") for v in r.get("ratio_posts_rps", []))), "", ">= %.2f" % (1 - ROOMS_PRESENCE_TOLERANCE),
+            ratio is not None and ratio >= 1 - ROOMS_PRESENCE_TOLERANCE)
+        ratio = r.get("ratio_fanout_ms_median")
+        row("fan-out time new / old (runs)", "%s (%s)" % (num(ratio, "%.3f"), ", ".join(
+            num(v, "%.3f") for v in r.get("ratio_fanout_ms", []))), "", "<= %.2f" % (1 + ROOMS_PRESENCE_TOLERANCE),
+            ratio is not None and ratio <= 1 + ROOMS_PRESENCE_TOLERANCE)
+        row("answers/s new / old (runs)", "%s (%s)" % (num(r.get("ratio_answers_per_s_median"), "%.3f"), ", ".join(
+            num(v, "%.3f") for v in r.get("ratio_answers_per_s", []))))
     elif sc == "backup" and r.get("part") == "posting":
         for kind, what in (("old", "previous server (%s, EXCLUSIVE)" % BACKUP_BASELINE_COMMIT),
                            ("new", "this server (OS lock)")):
@@ -3805,6 +4253,8 @@ def targets_for(r, results):
 
 def size_label(r):
     sc = r["scenario"]
+    if sc == "edge":
+        return "%d followers" % r.get("followers", 0)
     if sc in ("wake", "fanout", "idle"):
         return "%d waiter%s" % (r["waiters"], "" if r["waiters"] == 1 else "s")
     if sc == "post":
@@ -3826,6 +4276,12 @@ def size_label(r):
         return (what % r.get("clients", 0)) + ", run %d" % r.get("run", 1)
     if sc == "identity":
         return "memory, %d clients" % r.get("clients", 0)
+    if sc == "rooms":
+        if r.get("part") == "list":
+            return "%s, %d rooms" % (r.get("db"), r.get("rooms", 0))
+        if r.get("part") == "scroll":
+            return "file, %s msgs, %d a page" % (count_label(r.get("messages", 0)), r.get("limit", 0))
+        return "%s polls, %d posters, new vs old" % (count_label(r.get("followers", 0)), r.get("posters", 0))
     if sc == "backup":
         if r.get("part") == "posting":
             return "file, %d clients, old vs new" % r.get("clients", 0)
@@ -3856,6 +4312,252 @@ def print_table(results):
     verdicts = [row[5] for row in rows[1:] if row[5]]
     print("targets: %d PASS, %d MISS; failures: %d" % (verdicts.count("PASS"), verdicts.count("MISS"),
                                                        verdicts.count("FAIL")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edge: one room's followers through the README's Varnish edge (issue 26; only with --only edge)
+
+EDGE_VCL = "# /etc/varnish/chat-edge.vcl:"
+VARNISHD = shutil.which("varnishd") or ("/usr/sbin/varnishd" if os.path.exists("/usr/sbin/varnishd") else None)
+
+
+def edge_prerequisites():
+    """(the README's VCL, its varnishd line, its server line, None), or (None, None, None, why we skip)."""
+    path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        return None, None, None, "no README.md beside bench/ (%s): the VCL comes from it" % e.strerror
+    blocks = [b for b in re.findall(r"```vcl\n(.*?)```", text, re.S) if b.startswith(EDGE_VCL)]
+    varnishd = [l.strip() for l in text.splitlines() if l.strip().startswith("varnishd ")]
+    server = [l.strip() for l in text.splitlines() if l.strip().startswith("python3 chat_server.py") and "--edge-cache" in l]
+    if len(blocks) != 1 or not varnishd or not server:
+        return None, None, None, "README.md: the edge's VCL, varnishd line or server line is missing"
+    if not VARNISHD:
+        return None, None, None, "varnishd is not installed (apt-get install varnish)"
+    return blocks[0], varnishd[0], server[0], None
+
+
+def edge_follower_proc(port, path, first, count, sources, conn, after0):
+    """One process of followers: `count` keep-alive long polls through the edge, each recording the ids it gets."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError):
+        pass
+    sel = selectors.DefaultSelector()
+    got, seqs, statuses, errors = {}, [], {}, 0
+
+    def request(after):
+        return ("GET %s?after=%s HTTP/1.1\r\nHost: chat.example.org\r\n\r\n" % (path, after)).encode()
+    for i in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((sources[(first + i) % len(sources)], 0))
+        s.connect((HOST, port))
+        s.setblocking(False)
+        st = [s, bytearray(), after0, []]
+        seqs.append(st[3])
+        sel.register(s, selectors.EVENT_READ, st)
+        s.send(request(after0))
+    conn.send(("ready", count))
+    while True:
+        if conn.poll() and conn.recv() == "stop":
+            break
+        for key, _ in sel.select(0.05):
+            st = key.data
+            s, buf = st[0], st[1]
+            try:
+                data = s.recv(262144)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                errors += 1
+                sel.unregister(s)
+                s.close()
+                continue
+            buf += data
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = bytes(buf[:end]).decode("latin-1")
+                m = re.search(r"(?im)^content-length:\s*(\d+)", head)
+                length = int(m.group(1)) if m else 0
+                if len(buf) < end + 4 + length:
+                    break
+                status = int(head[9:12])
+                statuses[status] = statuses.get(status, 0) + 1
+                body = bytes(buf[end + 4:end + 4 + length])
+                del buf[:end + 4 + length]
+                t = time.time()
+                if status == 200:
+                    items = json.loads(body)
+                    for msg in items:
+                        st[3].append(msg["id"])
+                        g = got.get(msg["id"])
+                        if g is None:
+                            got[msg["id"]] = [1, t, t]
+                        else:
+                            g[0] += 1
+                            g[2] = t
+                    if items:
+                        st[2] = items[-1]["id"]
+                s.send(request(st[2]))
+        if got:
+            conn.send(("got", got))
+            got = {}
+    conn.send(("done", seqs, errors, statuses))
+
+
+def edge_rss_kib(pid):
+    """RSS of varnishd's manager and its child (the cache process), in KiB."""
+    total = proc_rss_kib(pid) or 0
+    for child in proc_children(pid):
+        total += proc_rss_kib(child) or 0
+    return total
+
+
+def scenario_edge(ctx, n, posts, vcl, varnishd_line, server_line):
+    import http.client
+    import multiprocessing
+    d = tempfile.mkdtemp(prefix="bench-edge-")
+    os.chmod(d, 0o755)
+    sport, eport = free_port(), free_port()
+    args = shlex.split(server_line)[2:]
+    set_flag(args, "--port", str(sport))
+    set_flag(args, "--db", ":memory:")
+    srv = subprocess.Popen([sys.executable, ctx.server_path, "--quiet"] + args, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL)
+    edge = None
+    pipes, procs = [], []
+    try:
+        if b"serving on" not in srv.stdout.readline():
+            raise ProtocolError("the server did not start")
+        with open(os.path.join(d, "chat-edge.vcl"), "w") as f:
+            f.write(vcl.replace('.port = "8080";', '.port = "%d";' % sport))
+        vargs = shlex.split(varnishd_line)
+        set_flag(vargs, "-a", "%s:%d" % (HOST, eport))
+        set_flag(vargs, "-f", os.path.join(d, "chat-edge.vcl"))
+        edge = subprocess.Popen([VARNISHD] + vargs[1:] + ["-F", "-n", os.path.join(d, "varnish")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=lambda: os.sched_setaffinity(0, range(os.cpu_count() or 1)))
+        t0 = now()
+        while True:
+            try:
+                socket.create_connection((HOST, eport), 1).close()
+                break
+            except OSError:
+                if now() - t0 > 30 or edge.poll() is not None:
+                    raise ProtocolError("varnishd did not start")
+                time.sleep(0.1)
+
+        def post(i):
+            c = http.client.HTTPConnection(HOST, sport, timeout=CTL_TIMEOUT_S)
+            c.request("POST", "/rooms/edge/messages", json.dumps({"body": "edge %d" % i}),
+                      {"Content-Type": "application/json", "Host": "chat.example.org"})
+            r = c.getresponse()
+            mid = json.loads(r.read())["id"]
+            c.close()
+            return mid
+
+        def stats():
+            c = http.client.HTTPConnection(HOST, sport, timeout=CTL_TIMEOUT_S)
+            c.request("GET", "/stats", headers={"Host": "chat.example.org"})
+            s = json.loads(c.getresponse().read())
+            c.close()
+            return s
+        first = post(-1)
+        time.sleep(1.0)
+        rss0 = edge_rss_kib(edge.pid)
+        sources = ["127.0.%d.%d" % (k // 250, 1 + k % 250) for k in range(1, 2 + n // 4000)]   # 4,000 ports each
+        workers = max(1, min(8, (n + 9999) // 10000))
+        per = (n + workers - 1) // workers
+        for w in range(workers):
+            a, b = multiprocessing.Pipe()
+            p = multiprocessing.Process(target=edge_follower_proc,
+                                        args=(eport, "/rooms/edge/messages", w * per, min(per, n - w * per),
+                                              sources, b, first))
+            p.start()
+            pipes.append(a)
+            procs.append(p)
+        for a in pipes:
+            if not a.poll(300) or a.recv()[0] != "ready":
+                raise ProtocolError("followers did not connect")
+        time.sleep(3.0)
+        rss1 = edge_rss_kib(edge.pid)
+        got = {}
+
+        def pump(wait):
+            for a in pipes:
+                while a.poll(wait if a is pipes[0] else 0):
+                    m = a.recv()
+                    for k, (c, t1, t2) in m[1].items():
+                        g = got.setdefault(k, [0, t1, t2])
+                        if g[0]:
+                            g[1], g[2] = min(g[1], t1), max(g[2], t2)
+                        g[0] += c
+                    wait = 0
+        cpu0 = proc_cpu_seconds(srv.pid)
+        all_have, first_has, conns, ids = [], [], [], []
+        for i in range(posts):
+            t = time.time()
+            mid = post(i)
+            ids.append(mid)
+            end = now() + 30
+            while now() < end and got.get(mid, [0])[0] < n:
+                pump(0.02)
+            g = got.get(mid)
+            if g and g[0] >= n:
+                all_have.append(g[2] - t)
+                first_has.append(g[1] - t)
+            conns.append(stats().get("connections", 0))
+            time.sleep(0.2)
+        cpu = proc_cpu_seconds(srv.pid) - cpu0
+        seqs, errors, statuses = [], 0, {}
+        for a in pipes:
+            a.send("stop")
+        for a in pipes:
+            while True:
+                m = a.recv()
+                if m[0] == "done":
+                    seqs += m[1]
+                    errors += m[2]
+                    for k, v in m[3].items():
+                        statuses[k] = statuses.get(k, 0) + v
+                    break
+        complete = sum(1 for s in seqs if s == ids)
+        all_have.sort()
+        first_has.sort()
+        spread = sorted(b - a for a, b in zip(first_has, all_have))
+        return {"scenario": "edge", "followers": n, "posts": posts, "complete_followers": complete,
+                "errors": (n - complete) + errors, "answers_by_status": {str(k): v for k, v in statuses.items()},
+                "all_have_ms_median": ms(median(all_have)) if all_have else None,
+                "all_have_ms_p90": ms(percentile(all_have, 90)) if all_have else None,
+                "all_have_ms_max": ms(all_have[-1]) if all_have else None,
+                "first_has_ms_median": ms(median(first_has)) if first_has else None,
+                "posts_missing": posts - len(all_have),
+                "server_connections_max": max(conns) if conns else None,
+                "server_cpu_us_per_post": rnd(cpu / posts * 1e6, 0),
+                "edge_rss_kib_idle": rss0, "edge_rss_kib_parked": rss1,
+                "edge_kib_per_follower": rnd((rss1 - rss0) / n, 2) if rss0 and rss1 else None,
+                "sources": len(sources), "follower_processes": workers}
+    finally:
+        for a in pipes:
+            try:
+                a.send("stop")
+            except OSError:
+                pass
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+        if edge is not None:
+            terminate(edge, "varnishd")
+        terminate(srv, "server")
+        shutil.rmtree(d, True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3905,7 +4607,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smallest sizes of every scenario, in about 15 s (a unit test runs it)")
     p.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
-                   help="comma list of %s (default all but adversarial, backup and identity)" % ",".join(SCENARIOS))
+                   help="comma list of %s (default all but %s)" % (",".join(SCENARIOS), ", ".join(NAMED_ONLY)))
     p.add_argument("--server", default=os.path.join(here, "..", "chat_server.py"),
                    help="path of chat_server.py (default: ../chat_server.py beside this file)")
     p.add_argument("--wake-sizes", type=parse_ints, help="waiters per wake run (default 1,100,1000; quick 1,20)")
@@ -3964,6 +4666,23 @@ def main(argv=None):
     p.add_argument("--identity-rounds", type=int, help="identity: rounds of each row (default 3; quick 1)")
     p.add_argument("--identity-bad-rate", type=float, default=2000.0,
                    help="identity: refused tokens a second beside the JWT posters (2000)")
+    p.add_argument("--edge-followers", type=int, help="edge: followers of one room through one Varnish (default 19000; quick 200)")
+    p.add_argument("--edge-posts", type=int, help="edge: posts, each awaited by every follower (default 100; quick 5)")
+    p.add_argument("--rooms-parts", default="list,scroll,presence", help="rooms: which parts (list,scroll,presence)")
+    p.add_argument("--rooms-dbs", default="memory,file", help="rooms (a): the stores GET /rooms is measured on")
+    p.add_argument("--rooms-count", type=int, help="rooms (a): rooms with one message each (default 1000; quick 50)")
+    p.add_argument("--rooms-requests", type=int, help="rooms (a): GET /rooms timed (default 2000; quick 100)")
+    p.add_argument("--rooms-warmup", type=int, default=20, help="rooms (a): GET /rooms not timed first (20)")
+    p.add_argument("--rooms-messages", type=int, help="rooms (b): messages paged through (default 100000; quick 2000)")
+    p.add_argument("--rooms-page", type=int, default=100, help="rooms (b): limit of each before= page (100)")
+    p.add_argument("--rooms-followers", type=int, help="rooms (c): parked polls on one room (default 10000; quick 200)")
+    p.add_argument("--rooms-posters", type=int, default=16, help="rooms (c): posting clients (16)")
+    p.add_argument("--rooms-seconds", type=float, help="rooms (c): each posting run (default 3; quick 0.5)")
+    p.add_argument("--rooms-fanout-rounds", type=int, help="rooms (c): fan-outs per server (default 5; quick 2)")
+    p.add_argument("--rooms-runs", type=int, help="rooms (c): runs of each server, alternating (default 3; quick 1)")
+    p.add_argument("--rooms-baseline", default="git",
+                   help="rooms (c): the server without presence (default: git show %s:chat_server.py)"
+                        % ROOMS_BASELINE_COMMIT)
     p.add_argument("--batch", type=int, default=PARK_BATCH, help="connections per parking batch")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and load generator to CPUs")
     a = p.parse_args(argv)
@@ -4016,9 +4735,25 @@ def main(argv=None):
     ctx.identity_seconds = a.identity_seconds or (0.3 if q else 3.0)
     ctx.identity_rounds = max(1, a.identity_rounds or (1 if q else 3))
     ctx.identity_bad_rate = max(0.0, a.identity_bad_rate)
+    ctx.rooms_parts = [x for x in a.rooms_parts.split(",") if x in ("list", "scroll", "presence")]
+    ctx.rooms_dbs = [x for x in a.rooms_dbs.split(",") if x in ("memory", "file")]
+    ctx.rooms_count = max(1, a.rooms_count or (50 if q else 1000))
+    ctx.rooms_requests = max(1, a.rooms_requests or (100 if q else 2000))
+    ctx.rooms_warmup = max(0, a.rooms_warmup)
+    ctx.rooms_messages = max(1, a.rooms_messages or (2000 if q else 100000))
+    ctx.rooms_page = max(1, min(1000, a.rooms_page))
+    ctx.rooms_followers = max(1, a.rooms_followers or (200 if q else 10000))
+    ctx.rooms_posters = max(1, a.rooms_posters)
+    ctx.rooms_seconds = a.rooms_seconds or (0.5 if q else 3.0)
+    ctx.rooms_fanout_rounds = max(1, a.rooms_fanout_rounds or (2 if q else 5))
+    ctx.rooms_runs = max(1, a.rooms_runs or (1 if q else 3))
+    ctx.rooms_baseline = a.rooms_baseline
+    ctx.edge_followers = max(1, a.edge_followers or (200 if q else 19000))
+    ctx.edge_posts = max(1, a.edge_posts or (5 if q else 100))
     biggest = max(ctx.fanout_sizes + ctx.wake_sizes + ctx.stream_sizes +
                   [ctx.idle_waiters, ctx.post_fanout, ctx.stream_rate_streams,
                    2 * ctx.shard_waiters if "shards" in a.only else 0,
+                   ctx.rooms_followers + ctx.rooms_posters + 10 if "rooms" in a.only else 0,
                    max(ctx.adv_polls, ctx.adv_streams, 4 * ctx.adv_readers) + 100 if "adversarial" in a.only else 0])
     ctx.max_waiters = max(12000, biggest + 1000)
     ctx.max_connections = max(13000, biggest + 2000)
@@ -4125,6 +4860,34 @@ def main(argv=None):
                     "Litestream" % (ctx.backup_clients, ctx.backup_db_mib),
                     {"scenario": "backup", "part": "latency", "clients": ctx.backup_clients,
                      "db_mib": ctx.backup_db_mib}, scenario_backup_latency, ctx)
+            elif sc == "edge":
+                vcl, varnishd_line, server_line, why = edge_prerequisites()
+                if why:
+                    log("edge: skipped: %s" % why)
+                    emit({"scenario": "edge", "followers": 0, "skipped": why})
+                    continue
+                run("edge: %d followers of one room through the README's Varnish edge, %d posts" %
+                    (ctx.edge_followers, ctx.edge_posts),
+                    {"scenario": "edge", "followers": ctx.edge_followers, "posts": ctx.edge_posts},
+                    scenario_edge, ctx, ctx.edge_followers, ctx.edge_posts, vcl, varnishd_line, server_line)
+            elif sc == "rooms":
+                if "list" in ctx.rooms_parts:
+                    for db_kind in ctx.rooms_dbs:
+                        run("rooms: GET /rooms with %d rooms (%s), %d requests" % (ctx.rooms_count, db_kind,
+                                                                                  ctx.rooms_requests),
+                            {"scenario": "rooms", "part": "list", "db": db_kind, "rooms": ctx.rooms_count},
+                            scenario_rooms_list, ctx, db_kind)
+                if "scroll" in ctx.rooms_parts:
+                    run("rooms: before= paging through %d stored messages, %d a page (file)" %
+                        (ctx.rooms_messages, ctx.rooms_page),
+                        {"scenario": "rooms", "part": "scroll", "db": "file", "messages": ctx.rooms_messages,
+                         "limit": ctx.rooms_page}, scenario_rooms_scroll, ctx)
+                if "presence" in ctx.rooms_parts:
+                    run("rooms: presence: %d parked polls on one room, fan-out and %d posters, this server against "
+                        "%s's, %d runs each" % (ctx.rooms_followers, ctx.rooms_posters, ROOMS_BASELINE_COMMIT,
+                                                ctx.rooms_runs),
+                        {"scenario": "rooms", "part": "presence", "followers": ctx.rooms_followers,
+                         "posters": ctx.rooms_posters}, scenario_rooms_presence, ctx)
             elif sc == "identity":
                 run("identity: %d clients posting with a JWT each, the shared token, none; then beside %g refused "
                     "tokens a second" % (ctx.identity_clients, ctx.identity_bad_rate),
