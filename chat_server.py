@@ -3829,7 +3829,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         messages = self.server.store.newer(room, after, limit, newest)
         # HEAD never waits; nor does a poll whose client already sent its next request.
         if messages or timeout <= 0 or self.command == "HEAD" or self.reader.buffer:
-            return self.send_messages(messages, room)
+            # "The newest N" changes with every post: not an answer a shared cache may keep.
+            return self.send_messages(messages, None if newest else room)
         self._wait(room, after, limit, timeout)
 
     def _send_older(self, room, query):

@@ -56,7 +56,8 @@ pins down one behaviour:
                          NginxDeploymentTest (the README's nginx and systemd configurations),
                          NginxAuthRequestTest (the README's auth_request recipe: the user comes
                          from the site's auth service, nginx binding 127.0.0.2)
-    The edge cache       EdgeCacheTest (the README's Varnish edge: followers of one room share one
+    The edge cache       EdgeHeadersTest (which answers --edge-cache makes public: polls after a
+                         cursor only), EdgeCacheTest (the README's Varnish edge: followers of one room share one
                          poll per URL; 410s and posts never kept; restarts; normalised limits; the
                          edge giving up on a poll; a full cache; hostile headers)
     The README's own examples
@@ -7239,6 +7240,31 @@ class EdgeFollower(threading.Thread):
 
 
 @unittest.skipUnless(VARNISHD and VARNISHSTAT, "the edge cache's configuration needs varnishd and varnishstat (Debian's varnish)")
+class EdgeHeadersTest(ServerTestCase):
+    """--edge-cache: only a poll's answer of messages after a cursor is public; all else stays no-store."""
+
+    server_options = {"edge_cache": 10}
+
+    def test_which_answers_a_shared_cache_may_keep(self):
+        first = self.post("one", room="pub")["id"]
+        self.post("two", room="pub")
+        status, headers, data = self.get("after=%s" % first, room="pub")
+        self.assertEqual((status, headers["Cache-Control"], len(data)), (200, "public, max-age=10", 1))
+        self.assertRegex(headers["ETag"], r'\A"[0-9a-f]{24}"\Z')
+        self.assertEqual(self.get("after=%s" % first, room="pub")[1]["ETag"], headers["ETag"])
+        for query in ("tail=2", "before=%s" % data[0]["id"], "after=%s&timeout=0" % data[0]["id"],
+                      "after=nope"):
+            with self.subTest(query=query):
+                self.assertEqual(self.get(query, room="pub")[1]["Cache-Control"], "no-store")
+        server = self.start_server(edge_cache=10, token="edge-token-12345")
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+        self.addCleanup(conn.close)
+        auth = {"Authorization": "Bearer edge-token-12345"}
+        self.post("private", room="r", headers=auth, conn=conn)
+        self.assertEqual(self.request("GET", "/rooms/r/messages?timeout=0", headers=auth, conn=conn)[1]
+                         ["Cache-Control"], "no-store")
+
+
 class EdgeCacheTest(unittest.TestCase):
     """The README's edge (its server command line, varnishd command line and VCL), with only ports, file
     paths and, where a test says so, one number changed: followers through Varnish share one poll per URL."""
