@@ -4686,6 +4686,16 @@ body.admin li:not(.mine) .act { display: inline-block; }
     saved.set('tag', '');
   }
 
+  // Our tag is a hash of our id (see client_tag() in the server): worked out here where the
+  // browser can (a secure context, which a loopback address is), so that our own message is
+  // ours even when the poll brings it before the answer to the post that sent it.
+  if (window.crypto && crypto.subtle && !myTag) {
+    crypto.subtle.digest('SHA-256', utf8.encode('chat-client:' + client)).then((digest) => {
+      const b64 = btoa(String.fromCharCode.apply(null, new Uint8Array(digest).slice(0, 12)));
+      learnTag(b64.split('+').join('-').split('/').join('_'));
+    }).catch(() => { /* learnt from the answer to our first post instead */ });
+  }
+
   let room = 'default', cursor = null, loaded = false, byId = new Map(), changes = new Set();
   let gen = 0, ctrl = null, state = 'connecting', unread = 0, sending = false;
   let stick = true, jumpCount = 0;        // stick: the reader is at the bottom of the list

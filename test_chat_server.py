@@ -6280,6 +6280,13 @@ class ChatAppPageTest(PageTestCase):
         self.a.send_keys("#room", "good-name")
         self.assertNotIn("Not", self.a.js("return document.getElementById('room-rule').textContent;"))
 
+    def test_the_page_knows_its_own_tag_before_its_first_post(self):
+        # So that its own message is "mine" even when the poll brings it before the post's answer.
+        self.open(self.a, "tags")
+        client = self.a.js("return localStorage.getItem('chat.client');")
+        _wait_for(lambda: self.a.js("return localStorage.getItem('chat.tag');") == chat_server.client_tag(client), 3,
+                  "the tag worked out in the page")
+
     def test_times_have_no_leading_zero(self):
         self.post("clock", "early", author="bob")
         self.open(self.a, "clock")
