@@ -1359,7 +1359,8 @@ class PageTestCase(ChromiumTestCase):
         browser.get("about:blank")
         self.open(browser, room, base)
 
-    def wait_bodies(self, browser, expected, timeout=3.0):
+    def wait_bodies(self, browser, expected, timeout=6.0):
+        # 6 s: CI runs two suites at once on two cores, and a page's poll may wait its turn.
         _wait_for(lambda: browser.bodies() == expected, timeout, "page shows %r" % (expected,))
 
     def send_from_page(self, browser, body, author=None):
