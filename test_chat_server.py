@@ -1361,7 +1361,12 @@ class PageTestCase(ChromiumTestCase):
 
     def wait_bodies(self, browser, expected, timeout=6.0):
         # 6 s: CI runs two suites at once on two cores, and a page's poll may wait its turn.
-        _wait_for(lambda: browser.bodies() == expected, timeout, "page shows %r" % (expected,))
+        try:
+            _wait_for(lambda: browser.bodies() == expected, timeout, "page shows %r" % (expected,))
+        except AssertionError as exc:   # say what it shows instead, and in what state
+            raise AssertionError("%s; it shows %r, status %r, note %r" % (
+                exc, browser.bodies(), browser.status(),
+                browser.js("return document.getElementById('note').textContent;"))) from None
 
     def send_from_page(self, browser, body, author=None):
         if author is not None:
